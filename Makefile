@@ -1,0 +1,64 @@
+# keystile: `make run` serves on an embedded PostgreSQL; `make test` runs the whole suite.
+# Both create .venv and install the package on first use; nothing but Python 3.11+ and make needed.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+BUF_VERSION := 1.75.0
+BUF := .tools/node_modules/.bin/buf
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "keystile needs Python 3.11 or newer (set PYTHON=...)")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+.PHONY: help
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+.PHONY: install
+install: $(STAMP) ## create .venv and install keystile with its development tools
+
+.PHONY: run
+run: $(STAMP) ## serve on 127.0.0.1:50051 with an embedded PostgreSQL in ./.keystile
+	$(BIN)/keystile serve
+
+.PHONY: migrate
+migrate: $(STAMP) ## apply database migrations (KEYSTILE_DATABASE_URL, or the embedded database)
+	$(BIN)/keystile migrate
+
+.PHONY: test
+test: $(STAMP) ## run the whole test suite (embedded PostgreSQL, or KEYSTILE_TEST_DATABASE_URL)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+$(BUF):
+	mkdir -p .tools
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
+
+.PHONY: proto
+proto: $(STAMP) ## regenerate client/keystile/v1 from proto/
+	$(BIN)/python tools/genproto.py
+
+.PHONY: lint
+lint: $(STAMP) $(BUF) ## buf lint, buf format, ruff, mypy --strict
+	$(BUF) lint
+	$(BUF) format --diff --exit-code
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+.PHONY: fmt
+fmt: $(STAMP) $(BUF) ## format proto and Python in place
+	$(BUF) format -w
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+.PHONY: clean
+clean: ## remove .venv, tools and build output (keeps ./.keystile data)
+	rm -rf $(VENV) .tools build dist *.egg-info client/*.egg-info

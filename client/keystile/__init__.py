@@ -1,0 +1,46 @@
+"""keystile: the Python client for the keystile API-key service.
+
+``Client`` and ``AsyncClient`` wrap the generated ``keystile.v1`` stubs with a default deadline and
+typed exceptions. ``is_well_formed`` checks a key's format and checksum offline, as the server does
+before any lookup.
+"""
+
+from __future__ import annotations
+
+from ._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncClient, Client, create_key_request
+from ._errors import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidArgumentError,
+    KeystileError,
+    NotFoundError,
+    PermissionDeniedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
+from ._format import KEY_PATTERN, generate_key, hash_key, is_well_formed, parse_key
+from .v1.keys_pb2 import Key, KeyState, VerifyResult
+
+__all__ = [
+    "DEFAULT_TARGET",
+    "DEFAULT_TIMEOUT",
+    "KEY_PATTERN",
+    "AsyncClient",
+    "Client",
+    "DeadlineExceededError",
+    "InternalError",
+    "InvalidArgumentError",
+    "Key",
+    "KeyState",
+    "KeystileError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "VerifyResult",
+    "create_key_request",
+    "generate_key",
+    "hash_key",
+    "is_well_formed",
+    "parse_key",
+]

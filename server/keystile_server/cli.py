@@ -1,0 +1,342 @@
+"""The ``keystile`` command: serve, migrate, and manage keys against a running server.
+
+Key commands print a readable table by default and JSON with ``--json`` (for scripts).
+``keys verify`` exits 0 for a valid key and 3 for any other result, so shells can branch on it;
+failed calls exit 1 with the server's message and reason on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Final, TextIO
+
+from google.protobuf import json_format
+
+from keystile import Client, KeystileError
+from keystile.v1 import keys_pb2
+
+from .settings import Settings, SettingsError
+
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_NOT_VALID: Final = 3
+_DURATION_RE: Final = re.compile(r"\A(\d+)([smhdw]?)\Z")
+_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90``, ``45s``, ``30m``, ``12h``, ``7d`` or ``2w`` as a timedelta."""
+    match = _DURATION_RE.match(text.strip())
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 3600, 30m, 12h, 7d)")
+    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
+
+
+def parse_timestamp(text: str) -> datetime:
+    """An ISO 8601 instant; without an offset it is taken as UTC."""
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"invalid timestamp {text!r} (use ISO 8601)") from exc
+
+
+def parse_json_object(text: str) -> dict[str, Any]:
+    """A JSON object given on the command line."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"invalid JSON: {exc.msg}") from exc
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("metadata must be a JSON object")
+    return value
+
+
+def _key_dict(key: keys_pb2.Key) -> dict[str, Any]:
+    return json_format.MessageToDict(key, preserving_proto_field_name=True)
+
+
+def _state(key: keys_pb2.Key) -> str:
+    return keys_pb2.KeyState.Name(key.state).removeprefix("KEY_STATE_").lower()
+
+
+def _time(key: keys_pb2.Key, field: str) -> str:
+    if not key.HasField(field):  # type: ignore[arg-type]
+        return "-"
+    stamp: datetime = getattr(key, field).ToDatetime()
+    return stamp.strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
+        )
+
+
+def _print_key(key: keys_pb2.Key, out: TextIO) -> None:
+    rows = [
+        ("id", key.id),
+        ("owner", key.owner_id),
+        ("name", key.name),
+        ("hint", key.secret_hint),
+        ("state", _state(key)),
+        ("scopes", " ".join(key.scopes) or "-"),
+        ("resources", " ".join(key.resources) or "(any)"),
+        ("rate limit", f"{key.rate_limit_per_minute}/min" if key.rate_limit_per_minute else "unlimited"),
+        ("created", _time(key, "create_time")),
+        ("expires", _time(key, "expire_time")),
+        ("revoked", _time(key, "revoke_time") + (f" ({key.revoke_reason})" if key.revoke_reason else "")),
+        ("last used", _time(key, "last_used_time")),
+        ("created by", key.created_by or "-"),
+    ]
+    if key.metadata.fields:
+        rows.append(("metadata", json.dumps(json_format.MessageToDict(key.metadata), sort_keys=True)))
+    _table(rows, out)
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    out.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+def _cmd_create(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    response = client.create_key(
+        args.owner,
+        args.name,
+        scopes=args.scope,
+        resources=args.resource,
+        prefix=args.prefix,
+        ttl=args.ttl,
+        expire_time=args.expire_time,
+        rate_limit_per_minute=args.rate_limit,
+        metadata=args.metadata,
+    )
+    if args.json:
+        _print_json({"key": _key_dict(response.key), "secret": response.secret}, out)
+    else:
+        _print_key(response.key, out)
+        out.write(f"\nsecret: {response.secret}\n")
+        out.write("Store the secret now: it is shown this once and cannot be recovered.\n")
+    return 0
+
+
+def _cmd_get(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    key = client.get_key(args.id)
+    if args.json:
+        _print_json(_key_dict(key), out)
+    else:
+        _print_key(key, out)
+    return 0
+
+
+def _cmd_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    if args.all:
+        keys = list(client.iter_keys(args.owner, include_inactive=args.include_inactive, page_size=500))
+        token = ""
+    else:
+        page = client.list_keys(
+            args.owner,
+            page_size=args.page_size,
+            page_token=args.page_token,
+            include_inactive=args.include_inactive,
+        )
+        keys, token = list(page.keys), page.next_page_token
+    if args.json:
+        _print_json({"keys": [_key_dict(k) for k in keys], "next_page_token": token}, out)
+        return 0
+    rows = [("ID", "NAME", "HINT", "STATE", "SCOPES", "CREATED", "EXPIRES")]
+    rows += [
+        (
+            k.id,
+            k.name,
+            k.secret_hint,
+            _state(k),
+            ",".join(k.scopes) or "-",
+            _time(k, "create_time"),
+            _time(k, "expire_time"),
+        )
+        for k in keys
+    ]
+    _table(rows, out)
+    if token:
+        out.write(f"\nmore keys: --page-token {token}\n")
+    return 0
+
+
+def _cmd_revoke(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    key = client.revoke_key(args.id, reason=args.reason)
+    if args.json:
+        _print_json(_key_dict(key), out)
+    else:
+        _print_key(key, out)
+    return 0
+
+
+def _cmd_verify(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    secret = sys.stdin.readline().strip() if args.key == "-" else args.key
+    response = client.verify_key(secret, required_scopes=args.scope, resource=args.resource)
+    result = keys_pb2.VerifyResult.Name(response.result).removeprefix("VERIFY_RESULT_")
+    if args.json:
+        body: dict[str, Any] = {"result": result}
+        if response.HasField("key"):
+            body["key"] = _key_dict(response.key)
+        _print_json(body, out)
+    else:
+        out.write(f"result: {result}\n")
+        if response.HasField("key"):
+            out.write(
+                f"key:    {response.key.id} ({response.key.secret_hint}, owner {response.key.owner_id})\n"
+            )
+    return 0 if response.result == keys_pb2.VERIFY_RESULT_VALID else EXIT_NOT_VALID
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .server import serve
+
+    settings = Settings.resolve(args, os.environ)
+    _configure_logging(settings.log_level)
+    try:
+        asyncio.run(serve(settings))
+    except OSError as exc:
+        logging.getLogger("keystile").error("%s", exc)
+        return EXIT_ERROR
+    return 0
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from .embedded import EmbeddedPostgres
+    from .store import migrate
+
+    settings = Settings.resolve(args, os.environ)
+    _configure_logging(settings.log_level)
+    embedded = None
+    url = settings.database_url
+    if url is None:
+        embedded = EmbeddedPostgres(settings.data_dir)
+        url = embedded.start()
+    try:
+        applied = asyncio.run(migrate(url))
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is up to date")
+    return 0
+
+
+def _client_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--target",
+        default=os.environ.get("KEYSTILE_TARGET", "127.0.0.1:50051"),
+        help="server address host:port (env KEYSTILE_TARGET; default 127.0.0.1:50051)",
+    )
+    common.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
+    common.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command-line interface."""
+    parser = argparse.ArgumentParser(prog="keystile", description="keystile API-key service")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gRPC server")
+    Settings.add_arguments(serve)
+    serve.set_defaults(handler=_cmd_serve)
+
+    migrate = commands.add_parser("migrate", help="apply database migrations and exit")
+    Settings.add_arguments(migrate)
+    migrate.set_defaults(handler=_cmd_migrate)
+
+    keys = commands.add_parser("keys", help="manage keys on a running server").add_subparsers(
+        dest="keys_command", required=True, metavar="ACTION"
+    )
+    common = _client_parser()
+
+    create = keys.add_parser("create", parents=[common], help="create a key and print its secret once")
+    create.add_argument("--owner", required=True, help="owner id")
+    create.add_argument("--name", required=True, help="human-readable name")
+    create.add_argument("--scope", action="append", default=[], help="granted scope (repeatable)")
+    create.add_argument("--resource", action="append", default=[], help="allowed resource (repeatable)")
+    create.add_argument("--prefix", default="", help="secret type prefix, e.g. sk_live")
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--ttl", type=parse_duration, help="lifetime, e.g. 3600, 30m, 12h, 90d")
+    expiry.add_argument("--expire-time", type=parse_timestamp, help="expiry instant, ISO 8601")
+    create.add_argument("--rate-limit", type=int, default=0, help="requests per minute (0 = unlimited)")
+    create.add_argument("--metadata", type=parse_json_object, default=None, help="JSON object")
+    create.set_defaults(client_handler=_cmd_create)
+
+    get = keys.add_parser("get", parents=[common], help="show one key")
+    get.add_argument("id")
+    get.set_defaults(client_handler=_cmd_get)
+
+    lister = keys.add_parser("list", parents=[common], help="list an owner's keys, newest first")
+    lister.add_argument("--owner", required=True, help="owner id")
+    lister.add_argument("--include-inactive", action="store_true", help="also revoked and expired keys")
+    lister.add_argument("--page-size", type=int, default=0, help="keys per page (default 50, max 500)")
+    lister.add_argument("--page-token", default="", help="continue from a previous page")
+    lister.add_argument("--all", action="store_true", help="fetch every page")
+    lister.set_defaults(client_handler=_cmd_list)
+
+    revoke = keys.add_parser("revoke", parents=[common], help="revoke a key")
+    revoke.add_argument("id")
+    revoke.add_argument("--reason", default="", help="why (at most 500 characters)")
+    revoke.set_defaults(client_handler=_cmd_revoke)
+
+    verify = keys.add_parser("verify", parents=[common], help="verify a key (exit 0 only when VALID)")
+    verify.add_argument("key", help="the secret, or - to read it from stdin (keeps it out of ps)")
+    verify.add_argument("--scope", action="append", default=[], help="required scope (repeatable)")
+    verify.add_argument("--resource", default="", help="required resource")
+    verify.set_defaults(client_handler=_cmd_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Entry point of the ``keystile`` command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    out = out or sys.stdout
+    try:
+        client_handler: Callable[[Client, argparse.Namespace, TextIO], int] | None = getattr(
+            args, "client_handler", None
+        )
+        if client_handler is not None:
+            with Client(args.target, timeout=args.timeout) as client:
+                return client_handler(client, args, out)
+        handler: Callable[[argparse.Namespace], int] = args.handler
+        return handler(args)
+    except SettingsError as exc:
+        parser.error(str(exc))
+    except KeystileError as exc:
+        detail = "".join(f"\n  {field}: {why}" for field, why in exc.field_violations.items())
+        sys.stderr.write(
+            f"error: {exc.code.name}: {exc.message}"
+            + (f" [{exc.reason}]" if exc.reason else "")
+            + detail
+            + "\n"
+        )
+        return EXIT_ERROR
+    except ValueError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

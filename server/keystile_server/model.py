@@ -1,0 +1,104 @@
+"""Domain values: keys as stored, keys to insert, and verification verdicts.
+
+Plain frozen dataclasses and enums: the store fills them from rows, the handlers turn them into
+protobuf. Neither SQL nor protobuf appears here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+
+class KeyState(enum.Enum):
+    """Lifecycle state, always computed at read time from the stored timestamps."""
+
+    ACTIVE = "active"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+
+
+class VerifyResult(enum.Enum):
+    """The verdict on a presented secret, in the order the checks run."""
+
+    VALID = "valid"
+    MALFORMED = "malformed"
+    NOT_FOUND = "not_found"
+    REVOKED = "revoked"
+    EXPIRED = "expired"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    FORBIDDEN_RESOURCE = "forbidden_resource"
+    RATE_LIMITED = "rate_limited"
+
+
+@dataclass(frozen=True, slots=True)
+class NewKey:
+    """A validated key ready to insert; carries the hash, never the secret."""
+
+    id: str
+    owner_id: str
+    name: str
+    prefix: str
+    secret_hash: bytes
+    secret_hint: str
+    scopes: tuple[str, ...]
+    resources: tuple[str, ...]
+    metadata: dict[str, Any]
+    rate_limit_per_minute: int
+    expire_time: datetime | None
+    created_by: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A key as stored (without its hash, which nothing above the store needs)."""
+
+    id: str
+    owner_id: str
+    name: str
+    prefix: str
+    secret_hint: str
+    scopes: tuple[str, ...]
+    resources: tuple[str, ...]
+    metadata: dict[str, Any]
+    rate_limit_per_minute: int
+    create_time: datetime
+    expire_time: datetime | None
+    revoke_time: datetime | None
+    revoke_reason: str | None
+    last_used_time: datetime | None
+    created_by: str | None
+
+    def state(self, now: datetime) -> KeyState:
+        """Revocation wins over expiry: a revoked key stays revoked after it would have expired."""
+        if self.revoke_time is not None:
+            return KeyState.REVOKED
+        if self.expire_time is not None and self.expire_time <= now:
+            return KeyState.EXPIRED
+        return KeyState.ACTIVE
+
+
+@dataclass(frozen=True, slots=True)
+class PageCursor:
+    """Where the next page of a listing starts: strictly after this (create_time, id)."""
+
+    create_time: datetime
+    id: str
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPage:
+    """One page of a listing and the opaque token for the next one ("" when done)."""
+
+    keys: list[KeyRecord]
+    next_page_token: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verification:
+    """The answer to VerifyKey: a result, and the key for every result but MALFORMED and NOT_FOUND."""
+
+    result: VerifyResult
+    key: KeyRecord | None = None

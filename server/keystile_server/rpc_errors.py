@@ -1,0 +1,89 @@
+"""The one mapping from domain errors to gRPC statuses.
+
+Every RPC method is wrapped by ``translate_errors``. A ``KeystileError`` becomes its status code
+with ``google.rpc.ErrorInfo`` (stable reason, domain ``keystile.dev``) and, for bad requests,
+``google.rpc.BadRequest`` naming each field. Anything else is a bug or a driver failure: it is
+logged here with its traceback and the client gets a generic INTERNAL, never the driver's text.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from .errors import InvalidArgument, KeyNotFound, KeystileError, StoreUnavailable
+
+ERROR_DOMAIN: Final = "keystile.dev"
+INTERNAL_REASON: Final = "INTERNAL_ERROR"
+
+_log = logging.getLogger(__name__)
+
+# Looked up along the exception's MRO, so a subclass inherits its parent's code.
+_CODES: Final[dict[type[KeystileError], int]] = {
+    InvalidArgument: code_pb2.INVALID_ARGUMENT,
+    KeyNotFound: code_pb2.NOT_FOUND,
+    StoreUnavailable: code_pb2.UNAVAILABLE,
+}
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def _code_for(exc: KeystileError) -> int:
+    for cls in type(exc).__mro__:
+        if cls in _CODES:
+            return int(_CODES[cls])
+    return int(code_pb2.INTERNAL)
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """The gRPC status a client sees for ``exc``."""
+    if isinstance(exc, KeystileError):
+        code, message, reason = _code_for(exc), exc.message, exc.reason
+    else:
+        code, message, reason = code_pb2.INTERNAL, "internal error", INTERNAL_REASON
+    details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))]
+    if isinstance(exc, InvalidArgument):
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+        details.append(_pack(bad_request))
+    return rpc_status.to_status(status_pb2.Status(code=code, message=message, details=details))
+
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Self_ = TypeVar("Self_")
+Method = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+
+
+def translate_errors(method: Method[Self_, Req, Resp]) -> Method[Self_, Req, Resp]:
+    """Wrap a servicer method so that every exception leaves as a well-formed status."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
+        try:
+            return await method(self, request, context)
+        except KeystileError as exc:
+            if isinstance(exc, StoreUnavailable):
+                _log.warning("%s: %s", getattr(method, "__name__", "rpc"), exc.message)
+            await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
+        except Exception:
+            _log.exception("unexpected error in %s", getattr(method, "__name__", "rpc"))
+            await context.abort_with_status(to_status(Exception()))  # type: ignore[attr-defined]
+        raise AssertionError("unreachable: abort_with_status raises")
+
+    return wrapper

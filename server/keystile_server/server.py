@@ -1,0 +1,187 @@
+"""Server assembly and lifecycle: gRPC, health, reflection, database, and graceful shutdown.
+
+Start-up binds the port first and reports NOT_SERVING, then connects to PostgreSQL (retrying with
+backoff), migrates, opens the pool and only then reports SERVING. A background probe flips health
+to NOT_SERVING while the database is unreachable. Shutdown reverses it: NOT_SERVING, let in-flight
+calls finish, flush usage, close the pool, release the embedded database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from typing import Final
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from psycopg import AsyncConnection
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from keystile.v1 import keys_pb2, keys_pb2_grpc
+
+from .embedded import EmbeddedPostgres
+from .errors import StoreUnavailable
+from .handlers import KeyServiceHandlers
+from .page_tokens import PageTokenCodec
+from .service import KeyService
+from .settings import Settings
+from .store import KeyStore, migrate
+from .usage import UsageRecorder
+
+_log = logging.getLogger(__name__)
+
+KEY_SERVICE_NAME: Final = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].full_name
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_MAX_BACKOFF: Final = 5.0
+
+
+class KeystileServer:
+    """One keystile server process: ``await start()``, then ``await stop()``."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.port = 0
+        self._handlers = KeyServiceHandlers()
+        self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self._grpc: grpc.aio.Server | None = None
+        self._embedded: EmbeddedPostgres | None = None
+        self._store: KeyStore | None = None
+        self._pool: AsyncConnectionPool[AsyncConnection[TupleRow]] | None = None
+        self._usage: UsageRecorder | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = asyncio.Event()
+        self._database_url = settings.database_url
+
+    async def start(self) -> None:
+        """Bind the port and begin connecting to the database in the background."""
+        if self._database_url is None:
+            self._embedded = EmbeddedPostgres(self.settings.data_dir)
+            self._database_url = await asyncio.to_thread(self._embedded.start)
+        # so_reuseport off: a second server on a taken port must fail loudly, not share it silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(self._handlers, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection(
+            [KEY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        for name in ("", KEY_SERVICE_NAME):
+            await self._health.set(name, _NOT_SERVING)
+        try:
+            self.port = server.add_insecure_port(self.settings.listen)
+        except RuntimeError as exc:
+            raise OSError(f"cannot listen on {self.settings.listen}: {exc}") from exc
+        await server.start()
+        self._grpc = server
+        _log.info("listening on %s", self.address)
+        self._tasks.append(asyncio.create_task(self._connect(), name="keystile-connect"))
+
+    @property
+    def address(self) -> str:
+        """host:port actually bound (the port is resolved when 0 was asked for)."""
+        host = self.settings.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the database is connected and the server reports SERVING."""
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def _connect(self) -> None:
+        assert self._database_url is not None
+        delay = 0.2
+        while True:
+            try:
+                applied = await migrate(self._database_url)
+                if applied:
+                    _log.info("schema migrated to version %d", applied[-1])
+                pool = KeyStore.create_pool(
+                    self._database_url,
+                    min_size=self.settings.pool_min_size,
+                    max_size=self.settings.pool_max_size,
+                    timeout=self.settings.db_timeout,
+                )
+                try:
+                    await pool.open(wait=True, timeout=self.settings.db_timeout)
+                except BaseException:
+                    await pool.close()
+                    raise
+                break
+            except Exception as exc:  # the database is not there yet: keep trying, stay NOT_SERVING
+                _log.warning("database not ready (%s); retrying in %.1fs", type(exc).__name__, delay)
+                _log.debug("database connection error", exc_info=True)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+        self._pool = pool
+        store = KeyStore(pool)
+        self._store = store
+        self._usage = UsageRecorder(store, flush_interval=self.settings.usage_flush_interval)
+        self._handlers.service = KeyService(
+            store,
+            default_prefix=self.settings.default_prefix,
+            page_tokens=PageTokenCodec(await store.server_secret("page_token_hmac")),
+            usage=self._usage,
+        )
+        self._tasks.append(asyncio.create_task(self._usage.run(), name="keystile-usage"))
+        self._tasks.append(asyncio.create_task(self._watch_database(), name="keystile-health"))
+        await self._set_serving(True)
+        self._ready.set()
+        _log.info("ready: database connected, serving")
+
+    async def _set_serving(self, serving: bool) -> None:
+        for name in ("", KEY_SERVICE_NAME):
+            await self._health.set(name, _SERVING if serving else _NOT_SERVING)
+
+    async def _watch_database(self) -> None:
+        """Report NOT_SERVING while the database cannot be reached, SERVING once it is back."""
+        assert self._store is not None
+        serving = True
+        while True:
+            await asyncio.sleep(self.settings.health_check_interval)
+            try:
+                await asyncio.wait_for(self._store.ping(), self.settings.db_timeout)
+                healthy = True
+            except (StoreUnavailable, TimeoutError):
+                healthy = False
+            if healthy != serving:
+                serving = healthy
+                await self._set_serving(serving)
+                _log.warning(
+                    "database %s", "reachable again: SERVING" if serving else "unreachable: NOT_SERVING"
+                )
+
+    async def stop(self) -> None:
+        """Graceful shutdown: NOT_SERVING, drain calls, flush, close the pool, stop the database."""
+        await self._health.enter_graceful_shutdown()
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.shutdown_grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._usage is not None:
+            await self._usage.flush()
+        if self._pool is not None:
+            await self._pool.close()
+        if self._embedded is not None:
+            await asyncio.to_thread(self._embedded.stop)
+        _log.info("stopped")
+
+
+async def serve(settings: Settings) -> None:
+    """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
+    server = KeystileServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        _log.info("shutting down")
+    finally:
+        await server.stop()
