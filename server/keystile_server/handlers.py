@@ -52,7 +52,10 @@ def key_to_proto(record: KeyRecord, now: datetime) -> keys_pb2.Key:
 
 
 def _metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(struct)
+    try:
+        return json_format.MessageToDict(struct)
+    except ValueError as exc:  # NaN or infinity: JSON (and so our JSONB column) cannot hold them
+        raise violation_error("metadata", "must not contain NaN or infinite numbers") from exc
 
 
 def _expire_time(request: keys_pb2.CreateKeyRequest) -> datetime | None:

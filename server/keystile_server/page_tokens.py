@@ -54,7 +54,10 @@ class PageTokenCodec:
         try:
             payload_text, mac_text = token.split(".")
             payload = _b64decode(payload_text)
-            if not hmac.compare_digest(self._mac(payload), _b64decode(mac_text)):
+            # Compare canonical text, not decoded bytes: base64 tolerates edits to its padding bits,
+            # and a token that was edited at all should be refused.
+            expected = _b64encode(self._mac(payload))
+            if not hmac.compare_digest(expected, mac_text) or _b64encode(payload) != payload_text:
                 raise InvalidPageToken()
             fields = json.loads(payload)
             if fields["o"] != owner_id or fields["a"] is not include_inactive:

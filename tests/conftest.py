@@ -1,0 +1,5 @@
+"""Test configuration: fixtures live in tests/fix_*.py (see each module's docstring)."""
+
+from __future__ import annotations
+
+pytest_plugins = ["fix_db", "fix_server"]

@@ -1,0 +1,196 @@
+"""Server fixtures: real keystile servers on real ports, and clients talking to them.
+
+In-process servers run on one background event loop (grpc.aio wants a single loop per process);
+tests talk to them over real TCP channels with the public clients. ``ServeProcess`` runs the real
+``keystile serve`` command for the CLI, grpcurl, signal and restart tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import keystile
+from keystile_server.server import KeystileServer
+from keystile_server.settings import Settings
+
+T = TypeVar("T")
+BIN = Path(sys.executable).parent
+
+
+class AioLoop:
+    """One asyncio loop on a daemon thread, shared by every in-process server."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="aio-loop", daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def aio() -> Iterator[AioLoop]:
+    loop = AioLoop()
+    yield loop
+    loop.close()
+
+
+def server_settings(database_url: str, **changes: Any) -> Settings:
+    """Settings for an in-process test server: any free port, fast background loops."""
+    base = Settings(
+        database_url=database_url,
+        listen="127.0.0.1:0",
+        usage_flush_interval=0.1,
+        health_check_interval=0.2,
+        db_timeout=2.0,
+        shutdown_grace=2.0,
+    )
+    return base.replace(**changes)
+
+
+class RunningServer:
+    """An in-process server and what tests need to reach it."""
+
+    def __init__(self, aio: AioLoop, settings: Settings, *, wait_ready: bool = True) -> None:
+        self.aio = aio
+        self.server = KeystileServer(settings)
+        aio.run(self.server.start())
+        if wait_ready:
+            aio.run(self.server.wait_ready(30))
+        self.address = self.server.address
+
+    def client(self, **kwargs: Any) -> keystile.Client:
+        return keystile.Client(self.address, **kwargs)
+
+    def health(self, service: str = "") -> int:
+        with grpc.insecure_channel(self.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+    def stop(self) -> None:
+        self.aio.run(self.server.stop())
+
+
+@pytest.fixture(scope="session")
+def server(aio: AioLoop, database_url: str) -> Iterator[RunningServer]:
+    """The shared server on the session database."""
+    running = RunningServer(aio, server_settings(database_url))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def start_server(aio: AioLoop) -> Iterator[Callable[..., RunningServer]]:
+    """Start extra in-process servers (stopped at the end of the session if still running)."""
+    started: list[RunningServer] = []
+
+    def start(settings: Settings, *, wait_ready: bool = True) -> RunningServer:
+        running = RunningServer(aio, settings, wait_ready=wait_ready)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        try:
+            running.stop()
+        except Exception:  # already stopped by its test
+            pass
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[keystile.Client]:
+    with server.client() as c:
+        yield c
+
+
+@pytest.fixture
+def owner() -> str:
+    """A fresh owner id, so that tests sharing the database never see each other's keys."""
+    import uuid
+
+    return f"team-{uuid.uuid4().hex[:10]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_serving(address: str, timeout: float = 60) -> None:
+    """Poll the standard health service until it answers SERVING."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"server at {address} never became SERVING")
+            time.sleep(0.1)
+
+
+class ServeProcess:
+    """`keystile serve` in a subprocess: the command users run."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.log_path = Path(cwd or ".") / f"serve-{self.port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [str(BIN / "keystile"), "serve", "--listen", self.address, *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+            cwd=cwd,
+        )
+
+    def wait_serving(self, timeout: float = 60) -> None:
+        try:
+            wait_serving(self.address, timeout)
+        except TimeoutError:
+            raise TimeoutError(self.log()) from None
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+
+def run_cli(*args: str, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the installed `keystile` command and capture its output."""
+    return subprocess.run(
+        [str(BIN / "keystile"), *args], input=input, capture_output=True, text=True, timeout=timeout
+    )
