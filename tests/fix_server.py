@@ -77,6 +77,7 @@ class RunningServer:
         if wait_ready:
             aio.run(self.server.wait_ready(30))
         self.address = self.server.address
+        self.stopped = False
 
     def client(self, **kwargs: Any) -> keystile.Client:
         return keystile.Client(self.address, **kwargs)
@@ -87,7 +88,9 @@ class RunningServer:
             return stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
     def stop(self) -> None:
-        self.aio.run(self.server.stop())
+        if not self.stopped:
+            self.stopped = True
+            self.aio.run(self.server.stop())
 
 
 @pytest.fixture(scope="session")
@@ -110,10 +113,7 @@ def start_server(aio: AioLoop) -> Iterator[Callable[..., RunningServer]]:
 
     yield start
     for running in started:
-        try:
-            running.stop()
-        except Exception:  # already stopped by its test
-            pass
+        running.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,123 @@
+"""Project hygiene that users and other teams rely on: generated code, public API, settings, docs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+import keystile
+from keystile_server.settings import OPTIONS, Settings, SettingsError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    try:
+        import genproto
+    finally:
+        sys.path.pop(0)
+    for generated in genproto.generate(tmp_path):
+        relative = generated.relative_to(tmp_path)
+        committed = ROOT / "client" / relative
+        assert committed.exists(), f"{relative} is not committed: run `make proto`"
+        assert committed.read_bytes() == generated.read_bytes(), f"{relative} is stale: run `make proto`"
+
+
+def test_public_api_all_is_sorted_and_complete() -> None:
+    # isort-style order, as ruff keeps it: CONSTANTS, then Classes, then functions.
+    assert keystile.__all__ == sorted(
+        keystile.__all__, key=lambda n: (not n.isupper(), not n[0].isupper(), n)
+    )
+    public = {
+        name for name in vars(keystile) if not name.startswith("_") and name not in {"annotations", "v1"}
+    }
+    assert public == set(keystile.__all__)
+
+
+def test_async_client_round_trip(server: object, owner: str) -> None:
+    async def scenario() -> None:
+        async with keystile.AsyncClient(server.address) as client:  # type: ignore[attr-defined]
+            created = await client.create_key(owner, "async", scopes=["a"])
+            verdict = await client.verify_key(created.secret, required_scopes=["a"])
+            assert verdict.result == keystile.VerifyResult.Value("VERIFY_RESULT_VALID")
+            assert [k.id async for k in client.iter_keys(owner)] == [created.key.id]
+            with pytest.raises(keystile.NotFoundError) as info:
+                await client.get_key("00000000-0000-0000-0000-000000000000")
+            assert info.value.reason == "KEY_NOT_FOUND"
+            await client.revoke_key(created.key.id)
+
+    asyncio.run(scenario())
+
+
+def test_client_default_deadline_applies() -> None:
+    with (
+        keystile.Client("127.0.0.1:1", timeout=0.5) as client,
+        pytest.raises((keystile.UnavailableError, keystile.DeadlineExceededError)),
+    ):
+        client.get_key("x")
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    Settings.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_settings_flags_override_environment_override_defaults() -> None:
+    env = {
+        "KEYSTILE_LISTEN": "0.0.0.0:6000",
+        "KEYSTILE_POOL_MAX_SIZE": "20",
+        "KEYSTILE_DEFAULT_PREFIX": "env",
+    }
+    settings = Settings.resolve(_parse("--listen", "127.0.0.1:7000"), env)
+    assert settings.listen == "127.0.0.1:7000"
+    assert settings.pool_max_size == 20
+    assert settings.default_prefix == "env"
+    assert settings.database_url is None and settings.data_dir == Path(".keystile")
+    assert Settings.resolve(None, {}) == Settings()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KEYSTILE_POOL_MAX_SIZE": "0"}, "KEYSTILE_POOL_MAX_SIZE"),
+        ({"KEYSTILE_DB_TIMEOUT": "soon"}, "KEYSTILE_DB_TIMEOUT"),
+        ({"KEYSTILE_DEFAULT_PREFIX": "Bad"}, "KEYSTILE_DEFAULT_PREFIX"),
+        ({"KEYSTILE_LOG_LEVEL": "loud"}, "KEYSTILE_LOG_LEVEL"),
+        ({"KEYSTILE_POOL_MIN_SIZE": "5", "KEYSTILE_POOL_MAX_SIZE": "2"}, "pool_min_size"),
+    ],
+)
+def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.resolve(None, env)
+
+
+def test_readme_documents_every_setting_and_the_key_format() -> None:
+    readme = (ROOT / "README.md").read_text()
+    for option in OPTIONS:
+        assert option.env in readme, f"{option.env} missing from the README configuration table"
+        assert option.flag in readme, f"{option.flag} missing from the README"
+    assert keystile.KEY_PATTERN in readme
+
+
+def test_bad_setting_on_the_command_line_is_a_usage_error(tmp_path: Path) -> None:
+    from fix_server import run_cli
+
+    done = run_cli("serve", "--pool-max-size", "0")
+    assert done.returncode == 2 and "--pool-max-size" in done.stderr
+
+
+def test_every_proto_element_is_commented() -> None:
+    text = (ROOT / "proto/keystile/v1/keys.proto").read_text().splitlines()
+    for i, line in enumerate(text):
+        stripped = line.strip()
+        if re.match(r"(service|rpc|message|enum|oneof)\b", stripped) or re.match(
+            r"([A-Za-z.]+\s+)?[a-z_.A-Z]+\s+[a-z_A-Z0-9]+\s*=\s*\d+;", stripped
+        ):
+            assert text[i - 1].strip().startswith("//"), f"line {i + 1} has no comment: {stripped}"

@@ -1,0 +1,222 @@
+"""The `keystile serve` command as users run it: grpcurl, the CLI, signals, restarts."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import psycopg
+import pytest
+from fix_server import BIN, ServeProcess, run_cli
+
+import keystile
+
+
+@pytest.fixture(scope="module")
+def served(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One `keystile serve` process on the session database."""
+    proc = ServeProcess("--database-url", database_url, cwd=tmp_path_factory.mktemp("served"))
+    proc.wait_serving()
+    yield proc
+    assert proc.stop() == 0, proc.log()
+
+
+def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(BIN / "grpcurl"), *args], capture_output=True, text=True, timeout=30)
+
+
+def test_grpcurl_lists_services_through_reflection(served: ServeProcess) -> None:
+    listed = grpcurl("-plaintext", served.address, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert set(listed.stdout.split()) >= {
+        "keystile.v1.KeyService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    }
+    described = grpcurl("-plaintext", served.address, "describe", "keystile.v1.KeyService")
+    assert "rpc VerifyKey" in described.stdout
+
+
+def test_grpcurl_create_verify_revoke_verify(served: ServeProcess, owner: str) -> None:
+    def call(method: str, body: dict[str, object]) -> dict[str, object]:
+        done = grpcurl(
+            "-plaintext", "-d", json.dumps(body), served.address, f"keystile.v1.KeyService/{method}"
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+    created = call(
+        "CreateKey", {"ownerId": owner, "name": "grpcurl", "scopes": ["jobs:read"], "ttl": "3600s"}
+    )
+    secret, key_id = created["secret"], created["key"]["id"]  # type: ignore[index]
+    verdict = call("VerifyKey", {"key": secret, "requiredScopes": ["jobs:read"]})
+    assert verdict["result"] == "VERIFY_RESULT_VALID"
+    revoked = call("RevokeKey", {"id": key_id, "reason": "done"})
+    assert revoked["key"]["state"] == "KEY_STATE_REVOKED"  # type: ignore[index]
+    assert call("VerifyKey", {"key": secret})["result"] == "VERIFY_RESULT_REVOKED"
+    health = grpcurl("-plaintext", served.address, "grpc.health.v1.Health/Check")
+    assert json.loads(health.stdout)["status"] == "SERVING"
+
+
+def test_grpcurl_sees_error_details(served: ServeProcess) -> None:
+    done = grpcurl(
+        "-plaintext", "-d", '{"ownerId": "", "name": ""}', served.address, "keystile.v1.KeyService/CreateKey"
+    )
+    assert done.returncode != 0
+    assert "InvalidArgument" in done.stderr
+    assert "owner_id" in done.stderr
+
+
+def test_cli_end_to_end(served: ServeProcess, owner: str) -> None:
+    target = ["--target", served.address]
+    created = run_cli(
+        "keys",
+        "create",
+        *target,
+        "--owner",
+        owner,
+        "--name",
+        "cli key",
+        "--scope",
+        "jobs:*",
+        "--resource",
+        "r1",
+        "--ttl",
+        "2h",
+        "--metadata",
+        '{"env": "prod"}',
+        "--json",
+    )
+    assert created.returncode == 0, created.stderr
+    body = json.loads(created.stdout)
+    secret, key_id = body["secret"], body["key"]["id"]
+    assert keystile.is_well_formed(secret)
+
+    table = run_cli("keys", "get", *target, key_id)
+    assert table.returncode == 0 and "cli key" in table.stdout and "jobs:*" in table.stdout
+    assert secret not in table.stdout
+
+    listed = run_cli("keys", "list", *target, "--owner", owner, "--json")
+    assert [k["id"] for k in json.loads(listed.stdout)["keys"]] == [key_id]
+    listed_table = run_cli("keys", "list", *target, "--owner", owner)
+    assert key_id in listed_table.stdout and "ID" in listed_table.stdout
+
+    valid = run_cli("keys", "verify", *target, secret, "--scope", "jobs:read", "--resource", "r1")
+    assert valid.returncode == 0 and "VALID" in valid.stdout
+    from_stdin = run_cli(
+        "keys", "verify", *target, "-", "--scope", "keys:read", "--json", input=secret + "\n"
+    )
+    assert from_stdin.returncode == 3
+    assert json.loads(from_stdin.stdout)["result"] == "INSUFFICIENT_SCOPE"
+
+    revoked = run_cli("keys", "revoke", *target, key_id, "--reason", "rotated", "--json")
+    assert revoked.returncode == 0 and json.loads(revoked.stdout)["state"] == "KEY_STATE_REVOKED"
+    after = run_cli("keys", "verify", *target, secret)
+    assert after.returncode == 3 and "REVOKED" in after.stdout
+    assert run_cli("keys", "list", *target, "--owner", owner, "--json").stdout.count(key_id) == 0
+    everything = run_cli("keys", "list", *target, "--owner", owner, "--include-inactive", "--all", "--json")
+    assert [k["id"] for k in json.loads(everything.stdout)["keys"]] == [key_id]
+
+
+def test_cli_pages(served: ServeProcess, owner: str) -> None:
+    target = ["--target", served.address]
+    with keystile.Client(served.address) as client:
+        ids = [client.create_key(owner, f"k{i}").key.id for i in range(5)]
+    first = json.loads(
+        run_cli("keys", "list", *target, "--owner", owner, "--page-size", "2", "--json").stdout
+    )
+    assert len(first["keys"]) == 2 and first["next_page_token"]
+    second = run_cli(
+        "keys",
+        "list",
+        *target,
+        "--owner",
+        owner,
+        "--page-size",
+        "2",
+        "--page-token",
+        first["next_page_token"],
+    )
+    assert ids[2] in second.stdout and "more keys: --page-token" in second.stdout
+
+
+def test_cli_errors(served: ServeProcess) -> None:
+    bad = run_cli("keys", "create", "--target", served.address, "--owner", "bad owner", "--name", "x")
+    assert bad.returncode == 1
+    assert "INVALID_ARGUMENT" in bad.stderr and "owner_id" in bad.stderr
+    missing = run_cli("keys", "get", "--target", served.address, "00000000-0000-0000-0000-000000000000")
+    assert missing.returncode == 1 and "NOT_FOUND" in missing.stderr and "KEY_NOT_FOUND" in missing.stderr
+    usage = run_cli(
+        "keys", "create", "--target", served.address, "--owner", "o", "--name", "n", "--ttl", "soon"
+    )
+    assert usage.returncode == 2 and "invalid duration" in usage.stderr
+    down = run_cli("keys", "list", "--target", "127.0.0.1:1", "--owner", "o", "--timeout", "2")
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr
+
+
+def test_sigterm_lets_in_flight_calls_finish(database_url: str, tmp_path: Path, owner: str) -> None:
+    proc = ServeProcess("--database-url", database_url, cwd=tmp_path)
+    proc.wait_serving()
+    with keystile.Client(proc.address, timeout=20) as client:
+        key_id = client.create_key(owner, "slow").key.id
+        results: list[object] = []
+        with psycopg.connect(database_url) as blocker:
+            # Hold the row lock so that RevokeKey is still running when SIGTERM arrives.
+            blocker.execute("SELECT 1 FROM keystile.keys WHERE id = %s FOR UPDATE", (key_id,))
+            call = threading.Thread(target=lambda: results.append(client.revoke_key(key_id, reason="late")))
+            call.start()
+            time.sleep(0.5)
+            proc.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.proc.poll() is None, "the server quit with a call in flight"
+        call.join(20)
+    assert proc.stop() == 0, proc.log()
+    assert len(results) == 1 and results[0].revoke_reason == "late"  # type: ignore[attr-defined]
+
+
+def _postgres_for(pgdata: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "postgres" and str(pgdata) in " ".join(p.info["cmdline"] or ()):
+            found.append(p)
+    return found
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_embedded_database_survives_restart_and_stops_with_the_server(tmp_path: Path, sig: int) -> None:
+    data_dir = tmp_path / "data"
+    first = ServeProcess("--data-dir", str(data_dir), cwd=tmp_path, env={"KEYSTILE_DATABASE_URL": ""})
+    first.wait_serving()
+    pgdata = (data_dir / "pgdata").resolve()
+    assert _postgres_for(pgdata), "the embedded PostgreSQL should be running"
+    with keystile.Client(first.address) as client:
+        created = client.create_key("team-persist", "survivor")
+    assert first.stop(sig) == 0, first.log()
+    assert not _postgres_for(pgdata), "the embedded PostgreSQL outlived the server"
+    assert first.proc.poll() == 0
+
+    second = ServeProcess("--data-dir", str(data_dir), cwd=tmp_path, env={"KEYSTILE_DATABASE_URL": ""})
+    second.wait_serving()
+    with keystile.Client(second.address) as client:
+        assert client.verify_key(created.secret).result == keystile.VerifyResult.Value("VERIFY_RESULT_VALID")
+        assert client.get_key(created.key.id).name == "survivor"
+    assert second.stop() == 0, second.log()
+    assert not _postgres_for(pgdata)
+
+
+def test_taken_port_fails_loudly(served: ServeProcess, tmp_path: Path, database_url: str) -> None:
+    clash = subprocess.run(
+        [str(BIN / "keystile"), "serve", "--listen", served.address, "--database-url", database_url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert clash.returncode == 1
+    assert "cannot listen" in clash.stderr
