@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Self, TypedDict, Unpack
 
 import grpc
 
@@ -18,6 +18,18 @@ from .v1 import keys_pb2, keys_pb2_grpc
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT: Final = 5.0
+
+
+class CreateKeyOptions(TypedDict, total=False):
+    """Optional CreateKey fields, shared by ``create_key_request`` and both clients' ``create_key``."""
+
+    scopes: Iterable[str]
+    resources: Iterable[str]
+    prefix: str
+    ttl: timedelta | float | None
+    expire_time: datetime | None
+    rate_limit_per_minute: int
+    metadata: Mapping[str, Any] | None
 
 
 def create_key_request(
@@ -91,7 +103,7 @@ class Client:
             raise from_rpc_error(exc) from None
 
     def create_key(
-        self, owner_id: str, name: str, *, timeout: float | None = None, **options: Any
+        self, owner_id: str, name: str, *, timeout: float | None = None, **options: Unpack[CreateKeyOptions]
     ) -> keys_pb2.CreateKeyResponse:
         """Create a key; the response's ``secret`` is shown this once. Options as ``create_key_request``."""
         response: keys_pb2.CreateKeyResponse = self._call(
@@ -190,7 +202,7 @@ class AsyncClient:
             raise from_rpc_error(exc) from None
 
     async def create_key(
-        self, owner_id: str, name: str, *, timeout: float | None = None, **options: Any
+        self, owner_id: str, name: str, *, timeout: float | None = None, **options: Unpack[CreateKeyOptions]
     ) -> keys_pb2.CreateKeyResponse:
         """Create a key; the response's ``secret`` is shown this once. Options as ``create_key_request``."""
         response: keys_pb2.CreateKeyResponse = await self._call(

