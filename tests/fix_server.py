@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -29,6 +30,8 @@ from keystile_server.settings import Settings
 
 T = TypeVar("T")
 BIN = Path(sys.executable).parent
+ADMIN_KEY = "test-static-admin-" + secrets.token_hex(16)
+"""The static admin secret every test server accepts (KEYSTILE_ADMIN_KEY)."""
 
 
 class AioLoop:
@@ -63,6 +66,7 @@ def server_settings(database_url: str, **changes: Any) -> Settings:
         health_check_interval=0.2,
         db_timeout=2.0,
         shutdown_grace=2.0,
+        admin_key=ADMIN_KEY,
     )
     return base.replace(**changes)
 
@@ -80,6 +84,8 @@ class RunningServer:
         self.stopped = False
 
     def client(self, **kwargs: Any) -> keystile.Client:
+        """A client; the static admin key unless ``api_key`` says otherwise."""
+        kwargs.setdefault("api_key", ADMIN_KEY)
         return keystile.Client(self.address, **kwargs)
 
     def health(self, service: str = "") -> int:
@@ -167,7 +173,7 @@ class ServeProcess:
             [str(BIN / "keystile"), "serve", "--listen", self.address, *args],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "KEYSTILE_ADMIN_KEY": ADMIN_KEY, **(env or {})},
             cwd=cwd,
         )
 
@@ -189,8 +195,13 @@ class ServeProcess:
             self._log.close()
 
 
-def run_cli(*args: str, input: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    """Run the installed `keystile` command and capture its output."""
+def run_cli(
+    *args: str, input: str | None = None, timeout: float = 30, api_key: str | None = ADMIN_KEY
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed `keystile` command (as the static admin by default) and capture its output."""
+    env = {k: v for k, v in os.environ.items() if k != "KEYSTILE_API_KEY"}
+    if api_key:
+        env["KEYSTILE_API_KEY"] = api_key
     return subprocess.run(
-        [str(BIN / "keystile"), *args], input=input, capture_output=True, text=True, timeout=timeout
+        [str(BIN / "keystile"), *args], input=input, capture_output=True, text=True, timeout=timeout, env=env
     )

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import pytest
 from fix_db import Db
+from fix_server import ADMIN_KEY
 from google.protobuf import duration_pb2, timestamp_pb2
 
 import keystile
@@ -149,7 +150,7 @@ def test_bad_create_requests_are_rejected_and_write_nothing(server: Any, case: s
     with grpc.insecure_channel(server.address) as channel:
         stub = keys_pb2_grpc.KeyServiceStub(channel)
         with pytest.raises(grpc.RpcError) as info:
-            stub.CreateKey(request, timeout=5)
+            stub.CreateKey(request, timeout=5, metadata=[("authorization", f"Bearer {ADMIN_KEY}")])
     error = keystile._errors.from_rpc_error(info.value)
     assert isinstance(error, keystile.InvalidArgumentError)
     assert error.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -11,6 +11,7 @@ from datetime import timedelta
 import grpc
 import pytest
 from fix_db import Db
+from fix_server import ADMIN_KEY
 
 import keystile
 from keystile.v1 import keys_pb2
@@ -67,13 +68,13 @@ def test_list_unknown_owner_is_empty(client: keystile.Client) -> None:
 
 def test_pagination_is_stable_under_concurrent_inserts(server: object, owner: str) -> None:
     address = server.address  # type: ignore[attr-defined]
-    with keystile.Client(address) as client:
+    with keystile.Client(address, api_key=ADMIN_KEY) as client:
         original = [client.create_key(owner, f"k{i}").key.id for i in range(23)]
         stop = threading.Event()
         inserted: list[str] = []
 
         def insert() -> None:
-            with keystile.Client(address) as writer:
+            with keystile.Client(address, api_key=ADMIN_KEY) as writer:
                 while not stop.is_set():
                     inserted.append(writer.create_key(owner, "concurrent").key.id)
 

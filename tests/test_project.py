@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fix_server import ADMIN_KEY
 
 import keystile
 from keystile_server.settings import OPTIONS, Settings, SettingsError
@@ -42,7 +43,7 @@ def test_public_api_all_is_sorted_and_complete() -> None:
 
 def test_async_client_round_trip(server: object, owner: str) -> None:
     async def scenario() -> None:
-        async with keystile.AsyncClient(server.address) as client:  # type: ignore[attr-defined]
+        async with keystile.AsyncClient(server.address, api_key=ADMIN_KEY) as client:  # type: ignore[attr-defined]
             created = await client.create_key(owner, "async", scopes=["a"])
             verdict = await client.verify_key(created.secret, required_scopes=["a"])
             assert verdict.result == keystile.VerifyResult.Value("VERIFY_RESULT_VALID")

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import psycopg
 import pytest
-from fix_server import BIN, ServeProcess, run_cli
+from fix_server import ADMIN_KEY, BIN, ServeProcess, run_cli
 
 import keystile
 
@@ -25,6 +25,15 @@ def served(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     proc.wait_serving()
     yield proc
     assert proc.stop() == 0, proc.log()
+
+
+AS_ADMIN = ("-H", f"authorization: Bearer {ADMIN_KEY}")
+
+
+def test_grpcurl_without_credentials_is_unauthenticated(served: ServeProcess) -> None:
+    done = grpcurl("-plaintext", "-d", '{"owner_id": "x"}', served.address, "keystile.v1.KeyService/ListKeys")
+    assert done.returncode != 0
+    assert "Unauthenticated" in done.stderr and "CREDENTIALS_MISSING" in done.stderr
 
 
 def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -46,7 +55,12 @@ def test_grpcurl_lists_services_through_reflection(served: ServeProcess) -> None
 def test_grpcurl_create_verify_revoke_verify(served: ServeProcess, owner: str) -> None:
     def call(method: str, body: dict[str, object]) -> dict[str, object]:
         done = grpcurl(
-            "-plaintext", "-d", json.dumps(body), served.address, f"keystile.v1.KeyService/{method}"
+            "-plaintext",
+            *AS_ADMIN,
+            "-d",
+            json.dumps(body),
+            served.address,
+            f"keystile.v1.KeyService/{method}",
         )
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)  # type: ignore[no-any-return]
@@ -66,7 +80,12 @@ def test_grpcurl_create_verify_revoke_verify(served: ServeProcess, owner: str) -
 
 def test_grpcurl_sees_error_details(served: ServeProcess) -> None:
     done = grpcurl(
-        "-plaintext", "-d", '{"ownerId": "", "name": ""}', served.address, "keystile.v1.KeyService/CreateKey"
+        "-plaintext",
+        *AS_ADMIN,
+        "-d",
+        '{"ownerId": "", "name": ""}',
+        served.address,
+        "keystile.v1.KeyService/CreateKey",
     )
     assert done.returncode != 0
     assert "InvalidArgument" in done.stderr
@@ -126,7 +145,7 @@ def test_cli_end_to_end(served: ServeProcess, owner: str) -> None:
 
 def test_cli_pages(served: ServeProcess, owner: str) -> None:
     target = ["--target", served.address]
-    with keystile.Client(served.address) as client:
+    with keystile.Client(served.address, api_key=ADMIN_KEY) as client:
         ids = [client.create_key(owner, f"k{i}").key.id for i in range(5)]
     first = json.loads(
         run_cli("keys", "list", *target, "--owner", owner, "--page-size", "2", "--json").stdout
@@ -163,7 +182,7 @@ def test_cli_errors(served: ServeProcess) -> None:
 def test_sigterm_lets_in_flight_calls_finish(database_url: str, tmp_path: Path, owner: str) -> None:
     proc = ServeProcess("--database-url", database_url, cwd=tmp_path)
     proc.wait_serving()
-    with keystile.Client(proc.address, timeout=20) as client:
+    with keystile.Client(proc.address, timeout=20, api_key=ADMIN_KEY) as client:
         key_id = client.create_key(owner, "slow").key.id
         results: list[object] = []
         with psycopg.connect(database_url) as blocker:
@@ -195,7 +214,7 @@ def test_embedded_database_survives_restart_and_stops_with_the_server(tmp_path: 
     first.wait_serving()
     pgdata = (data_dir / "pgdata").resolve()
     assert _postgres_for(pgdata), "the embedded PostgreSQL should be running"
-    with keystile.Client(first.address) as client:
+    with keystile.Client(first.address, api_key=ADMIN_KEY) as client:
         created = client.create_key("team-persist", "survivor")
     assert first.stop(sig) == 0, first.log()
     assert not _postgres_for(pgdata), "the embedded PostgreSQL outlived the server"
@@ -203,7 +222,7 @@ def test_embedded_database_survives_restart_and_stops_with_the_server(tmp_path: 
 
     second = ServeProcess("--data-dir", str(data_dir), cwd=tmp_path, env={"KEYSTILE_DATABASE_URL": ""})
     second.wait_serving()
-    with keystile.Client(second.address) as client:
+    with keystile.Client(second.address, api_key=ADMIN_KEY) as client:
         assert client.verify_key(created.secret).result == keystile.VerifyResult.Value("VERIFY_RESULT_VALID")
         assert client.get_key(created.key.id).name == "survivor"
     assert second.stop() == 0, second.log()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypedDict, Unpack
 
@@ -70,19 +71,67 @@ def _timeout(timeout: float | None, default: float) -> float:
     return default if timeout is None else timeout
 
 
+PemSource = str | Path | bytes
+"""PEM data as bytes, or the path of a file holding it."""
+
+
+def _pem(source: PemSource | None) -> bytes | None:
+    if source is None or isinstance(source, bytes):
+        return source
+    return Path(source).read_bytes()
+
+
+def channel_credentials(
+    *, tls_ca: PemSource | None = None, tls_cert: PemSource | None = None, tls_key: PemSource | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials: ``tls_ca`` to trust (system roots when None), ``tls_cert``/``tls_key`` for mTLS."""
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("tls_cert and tls_key go together")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_pem(tls_ca), private_key=_pem(tls_key), certificate_chain=_pem(tls_cert)
+    )
+
+
+def _call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
+    return (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+
+def _wants_tls(tls: bool, *sources: PemSource | None) -> bool:
+    return tls or any(source is not None for source in sources)
+
+
 class Client:
-    """Blocking client for keystile.v1.KeyService; use as a context manager or call ``close()``."""
+    """Blocking client for keystile.v1.KeyService; use as a context manager or call ``close()``.
+
+    ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. ``tls=True`` (or any of
+    ``tls_ca``, ``tls_cert``, ``tls_key``) connects over TLS; the key and cert enable mTLS.
+    """
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
+        api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
         channel: grpc.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.insecure_channel(target)
+        if channel is None:
+            if _wants_tls(tls, tls_ca, tls_cert, tls_key):
+                creds = channel_credentials(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+                channel = grpc.secure_channel(target, creds)
+            else:
+                channel = grpc.insecure_channel(target)
+        self._channel = channel
         self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
+        self._metadata = _call_metadata(api_key)
         self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<keystile.Client timeout={self.timeout}>"
 
     def __enter__(self) -> Self:
         return self
@@ -98,7 +147,7 @@ class Client:
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return method(request, timeout=_timeout(timeout, self.timeout))
+            return method(request, timeout=_timeout(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -170,18 +219,33 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio client for keystile.v1.KeyService; use as an async context manager or ``await close()``."""
+    """asyncio client for keystile.v1.KeyService; same options as ``Client``."""
 
     def __init__(
         self,
         target: str = DEFAULT_TARGET,
         *,
+        api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
+        tls: bool = False,
+        tls_ca: PemSource | None = None,
+        tls_cert: PemSource | None = None,
+        tls_key: PemSource | None = None,
         channel: grpc.aio.Channel | None = None,
     ) -> None:
-        self._channel = channel or grpc.aio.insecure_channel(target)
+        if channel is None:
+            if _wants_tls(tls, tls_ca, tls_cert, tls_key):
+                creds = channel_credentials(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
+                channel = grpc.aio.secure_channel(target, creds)
+            else:
+                channel = grpc.aio.insecure_channel(target)
+        self._channel = channel
         self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
+        self._metadata = _call_metadata(api_key)
         self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"<keystile.AsyncClient timeout={self.timeout}>"
 
     async def __aenter__(self) -> Self:
         return self
@@ -197,7 +261,7 @@ class AsyncClient:
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
-            return await method(request, timeout=_timeout(timeout, self.timeout))
+            return await method(request, timeout=_timeout(timeout, self.timeout), metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 

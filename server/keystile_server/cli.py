@@ -16,6 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any, Final, TextIO
 
 from google.protobuf import json_format
@@ -239,6 +240,35 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bootstrap(args: argparse.Namespace) -> int:
+    from .errors import AdminKeyExists
+    from .server import bootstrap_admin
+
+    settings = Settings.resolve(args, os.environ)
+    _configure_logging("WARNING")
+    try:
+        created = asyncio.run(
+            bootstrap_admin(settings, owner_id=args.owner, name=args.name, force=args.force)
+        )
+    except AdminKeyExists:
+        if args.if_missing:
+            print("keystile: an admin key already exists; not creating another (use your stored key)")
+            return 0
+        sys.stderr.write("error: an active admin key already exists; use --force to mint another\n")
+        return EXIT_ERROR
+    tls = "-cacert CA.pem" if settings.tls_cert else "-plaintext"
+    body = json.dumps({"owner_id": created.key.owner_id})
+    print(
+        f"Admin key for owner {created.key.owner_id!r} (id {created.key.id}).\n"
+        "It is shown this once: store it now (a password manager, or KEYSTILE_API_KEY for the CLI).\n\n"
+        f"  {created.secret}\n\n"
+        "Try it:\n"
+        f"  grpcurl {tls} -H 'authorization: Bearer {created.secret}' -d '{body}' \\\n"
+        f"    {settings.listen} keystile.v1.KeyService/ListKeys\n"
+    )
+    return 0
+
+
 def _client_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
@@ -246,6 +276,15 @@ def _client_parser() -> argparse.ArgumentParser:
         default=os.environ.get("KEYSTILE_TARGET", "127.0.0.1:50051"),
         help="server address host:port (env KEYSTILE_TARGET; default 127.0.0.1:50051)",
     )
+    common.add_argument(
+        "--api-key-file",
+        type=Path,
+        help="file holding the caller's key (default: env KEYSTILE_API_KEY); sent as a Bearer token",
+    )
+    common.add_argument("--tls", action="store_true", help="connect over TLS with the system's CAs")
+    common.add_argument("--tls-ca", type=Path, help="PEM CA bundle to trust (implies --tls)")
+    common.add_argument("--tls-cert", type=Path, help="PEM client certificate for mTLS")
+    common.add_argument("--tls-key", type=Path, help="PEM client private key for mTLS")
     common.add_argument("--timeout", type=float, default=5.0, help="seconds per call (default 5)")
     common.add_argument("--json", action="store_true", help="print JSON for scripts")
     return common
@@ -259,6 +298,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the gRPC server")
     Settings.add_arguments(serve)
     serve.set_defaults(handler=_cmd_serve)
+
+    bootstrap = commands.add_parser("bootstrap", help="create the first admin key and print it once")
+    Settings.add_arguments(bootstrap)
+    bootstrap.add_argument("--owner", default="admin", help="owner id of the admin key (default admin)")
+    bootstrap.add_argument("--name", default="bootstrap admin", help="name of the admin key")
+    once = bootstrap.add_mutually_exclusive_group()
+    once.add_argument("--force", action="store_true", help="mint another even if an admin key exists")
+    once.add_argument("--if-missing", action="store_true", help="exit quietly (0) if an admin key exists")
+    bootstrap.set_defaults(handler=_cmd_bootstrap)
 
     migrate = commands.add_parser("migrate", help="apply database migrations and exit")
     Settings.add_arguments(migrate)
@@ -317,7 +365,21 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             args, "client_handler", None
         )
         if client_handler is not None:
-            with Client(args.target, timeout=args.timeout) as client:
+            api_key = (
+                args.api_key_file.read_text(encoding="utf-8").strip()
+                if args.api_key_file
+                else os.environ.get("KEYSTILE_API_KEY") or None
+            )
+            client = Client(
+                args.target,
+                api_key=api_key,
+                timeout=args.timeout,
+                tls=args.tls,
+                tls_ca=args.tls_ca,
+                tls_cert=args.tls_cert,
+                tls_key=args.tls_key,
+            )
+            with client:
                 return client_handler(client, args, out)
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
@@ -332,7 +394,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
             + "\n"
         )
         return EXIT_ERROR
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         sys.stderr.write(f"error: {exc}\n")
         return EXIT_ERROR
     except KeyboardInterrupt:

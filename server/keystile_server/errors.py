@@ -3,10 +3,13 @@
 Handlers never see psycopg exceptions; the store translates them into these, and ``rpc_errors``
 maps each class to exactly one gRPC status code and ErrorInfo reason::
 
-    KeystileError
-    ├── InvalidArgument        INVALID_ARGUMENT  (carries one violation per bad field)
+    KeystileError              (.violations: the fields at fault, when there are any)
+    ├── InvalidArgument        INVALID_ARGUMENT
     │   └── InvalidPageToken   INVALID_ARGUMENT
+    ├── Unauthenticated        UNAUTHENTICATED   (reason says which: missing, malformed, unknown, ...)
+    ├── PermissionDenied       PERMISSION_DENIED
     ├── KeyNotFound            NOT_FOUND
+    ├── AdminKeyExists         FAILED_PRECONDITION
     └── StoreUnavailable       UNAVAILABLE
 """
 
@@ -28,9 +31,10 @@ class KeystileError(Exception):
 
     reason = "KEYSTILE_ERROR"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, violations: list[FieldViolation] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.violations = violations or []
 
 
 class InvalidArgument(KeystileError):
@@ -40,8 +44,7 @@ class InvalidArgument(KeystileError):
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         fields = ", ".join(v.field for v in violations)
-        super().__init__(f"invalid request: {fields}" if fields else "invalid request")
-        self.violations = violations
+        super().__init__(f"invalid request: {fields}" if fields else "invalid request", violations)
 
 
 class InvalidPageToken(InvalidArgument):
@@ -51,6 +54,39 @@ class InvalidPageToken(InvalidArgument):
 
     def __init__(self) -> None:
         super().__init__([FieldViolation("page_token", "page token is invalid for this request")])
+
+
+class Unauthenticated(KeystileError):
+    """The caller's credentials are missing or do not name a usable key; says which, never echoes them."""
+
+    MESSAGES = {
+        "CREDENTIALS_MISSING": "authorization metadata with a Bearer key is required",
+        "CREDENTIALS_MALFORMED": "the authorization metadata is not 'Bearer <key>' with a well-formed key",
+        "CREDENTIALS_UNKNOWN": "the caller's key does not exist",
+        "CREDENTIALS_REVOKED": "the caller's key is revoked",
+        "CREDENTIALS_EXPIRED": "the caller's key has expired",
+    }
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(self.MESSAGES[reason])
+        self.reason = reason
+
+
+class PermissionDenied(KeystileError):
+    """The caller is authenticated but its key may not do this; the offending fields are named."""
+
+    def __init__(self, message: str, reason: str, violations: list[FieldViolation] | None = None) -> None:
+        super().__init__(message, violations)
+        self.reason = reason
+
+
+class AdminKeyExists(KeystileError):
+    """Bootstrap refused: an active admin key already exists (use --force to mint another)."""
+
+    reason = "ADMIN_KEY_EXISTS"
+
+    def __init__(self) -> None:
+        super().__init__("an active admin key already exists")
 
 
 class KeyNotFound(KeystileError):

@@ -67,6 +67,14 @@ def _expire_time(request: keys_pb2.CreateKeyRequest) -> datetime | None:
         raise violation_error("expire_time", "is not a valid timestamp") from exc
 
 
+def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    """The caller's ``authorization`` metadata value, or "" when absent."""
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization" and isinstance(value, str):
+            return value
+    return ""
+
+
 class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
     """The KeyService servicer; answers UNAVAILABLE until the domain service is attached."""
 
@@ -96,7 +104,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             rate_limit_per_minute=request.rate_limit_per_minute,
             metadata=_metadata(request.metadata),
         )
-        created = await self._service().create_key(spec)
+        created = await self._service().create_key(spec, authorization=_authorization(context))
         return keys_pb2.CreateKeyResponse(key=key_to_proto(created.key, utc_now()), secret=created.secret)
 
     @translate_errors
@@ -106,7 +114,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         context: grpc.aio.ServicerContext[keys_pb2.GetKeyRequest, keys_pb2.GetKeyResponse],
     ) -> keys_pb2.GetKeyResponse:
         """Return one key."""
-        record = await self._service().get_key(request.id)
+        record = await self._service().get_key(request.id, authorization=_authorization(context))
         return keys_pb2.GetKeyResponse(key=key_to_proto(record, utc_now()))
 
     @translate_errors
@@ -121,6 +129,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             include_inactive=request.include_inactive,
+            authorization=_authorization(context),
         )
         now = utc_now()
         return keys_pb2.ListKeysResponse(
@@ -134,7 +143,9 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         context: grpc.aio.ServicerContext[keys_pb2.RevokeKeyRequest, keys_pb2.RevokeKeyResponse],
     ) -> keys_pb2.RevokeKeyResponse:
         """Revoke a key."""
-        record = await self._service().revoke_key(request.id, request.reason)
+        record = await self._service().revoke_key(
+            request.id, request.reason, authorization=_authorization(context)
+        )
         return keys_pb2.RevokeKeyResponse(key=key_to_proto(record, utc_now()))
 
     @translate_errors
@@ -145,7 +156,10 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
     ) -> keys_pb2.VerifyKeyResponse:
         """Judge a presented key; an invalid key is an answer, not an error."""
         verdict = await self._service().verify_key(
-            request.key, list(request.required_scopes), request.resource
+            request.key,
+            list(request.required_scopes),
+            request.resource,
+            authorization=_authorization(context),
         )
         response = keys_pb2.VerifyKeyResponse(result=_RESULTS[verdict.result])
         if verdict.key is not None:

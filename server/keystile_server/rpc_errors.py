@@ -1,8 +1,9 @@
 """The one mapping from domain errors to gRPC statuses.
 
 Every RPC method is wrapped by ``translate_errors``. A ``KeystileError`` becomes its status code
-with ``google.rpc.ErrorInfo`` (stable reason, domain ``keystile.dev``) and, for bad requests,
-``google.rpc.BadRequest`` naming each field. Anything else is a bug or a driver failure: it is
+with ``google.rpc.ErrorInfo`` (stable reason, domain ``keystile.dev``) and, whenever fields are at
+fault (a bad request, or a create that would escalate privileges), ``google.rpc.BadRequest`` naming
+each one. Anything else is a bug or a driver failure: it is
 logged here with its traceback and the client gets a generic INTERNAL, never the driver's text.
 """
 
@@ -18,7 +19,15 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from .errors import InvalidArgument, KeyNotFound, KeystileError, StoreUnavailable
+from .errors import (
+    AdminKeyExists,
+    InvalidArgument,
+    KeyNotFound,
+    KeystileError,
+    PermissionDenied,
+    StoreUnavailable,
+    Unauthenticated,
+)
 
 ERROR_DOMAIN: Final = "keystile.dev"
 INTERNAL_REASON: Final = "INTERNAL_ERROR"
@@ -29,6 +38,9 @@ _log = logging.getLogger(__name__)
 _CODES: Final[dict[type[KeystileError], int]] = {
     InvalidArgument: code_pb2.INVALID_ARGUMENT,
     KeyNotFound: code_pb2.NOT_FOUND,
+    Unauthenticated: code_pb2.UNAUTHENTICATED,
+    PermissionDenied: code_pb2.PERMISSION_DENIED,
+    AdminKeyExists: code_pb2.FAILED_PRECONDITION,
     StoreUnavailable: code_pb2.UNAVAILABLE,
 }
 
@@ -53,7 +65,7 @@ def to_status(exc: BaseException) -> grpc.Status:
     else:
         code, message, reason = code_pb2.INTERNAL, "internal error", INTERNAL_REASON
     details = [_pack(error_details_pb2.ErrorInfo(reason=reason, domain=ERROR_DOMAIN))]
-    if isinstance(exc, InvalidArgument):
+    if isinstance(exc, KeystileError) and exc.violations:
         bad_request = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)

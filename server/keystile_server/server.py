@@ -27,7 +27,7 @@ from .embedded import EmbeddedPostgres
 from .errors import StoreUnavailable
 from .handlers import KeyServiceHandlers
 from .page_tokens import PageTokenCodec
-from .service import KeyService
+from .service import CreatedKey, KeyService
 from .settings import Settings
 from .store import KeyStore, migrate
 from .usage import UsageRecorder
@@ -38,6 +38,42 @@ KEY_SERVICE_NAME: Final = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].ful
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
+
+
+async def build_service(
+    store: KeyStore, settings: Settings, usage: UsageRecorder, *, static_admin_key: str | None
+) -> KeyService:
+    """The domain service over an open store, configured from settings."""
+    return KeyService(
+        store,
+        default_prefix=settings.default_prefix,
+        page_tokens=PageTokenCodec(await store.server_secret("page_token_hmac")),
+        usage=usage,
+        verify_auth=settings.verify_auth,
+        static_admin_key=static_admin_key,
+    )
+
+
+async def bootstrap_admin(settings: Settings, *, owner_id: str, name: str, force: bool) -> CreatedKey:
+    """Mint the first admin key directly in the database (migrating it first if needed)."""
+    embedded = EmbeddedPostgres(settings.data_dir) if settings.database_url is None else None
+    url = await asyncio.to_thread(embedded.start) if embedded else settings.database_url
+    assert url is not None
+    try:
+        await migrate(url)
+        pool = KeyStore.create_pool(url, min_size=1, max_size=1, timeout=settings.db_timeout)
+        await pool.open(wait=True, timeout=settings.db_timeout)
+        try:
+            store = KeyStore(pool)
+            service = await build_service(
+                store, settings, UsageRecorder(store, flush_interval=60), static_admin_key=None
+            )
+            return await service.bootstrap_admin(owner_id, name, force=force)
+        finally:
+            await pool.close()
+    finally:
+        if embedded is not None:
+            await asyncio.to_thread(embedded.stop)
 
 
 class KeystileServer:
@@ -56,6 +92,8 @@ class KeystileServer:
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
         self._database_url = settings.database_url
+        # Read once at construction, so a missing or short key file fails before anything starts.
+        self._static_admin_key = settings.static_admin_key()
 
     async def start(self) -> None:
         """Bind the port and begin connecting to the database in the background."""
@@ -72,13 +110,29 @@ class KeystileServer:
         for name in ("", KEY_SERVICE_NAME):
             await self._health.set(name, _NOT_SERVING)
         try:
-            self.port = server.add_insecure_port(self.settings.listen)
+            credentials = self._tls_credentials()
+            if credentials is None:
+                self.port = server.add_insecure_port(self.settings.listen)
+            else:
+                self.port = server.add_secure_port(self.settings.listen, credentials)
         except RuntimeError as exc:
             raise OSError(f"cannot listen on {self.settings.listen}: {exc}") from exc
         await server.start()
         self._grpc = server
         _log.info("listening on %s", self.address)
         self._tasks.append(asyncio.create_task(self._connect(), name="keystile-connect"))
+
+    def _tls_credentials(self) -> grpc.ServerCredentials | None:
+        """TLS from --tls-cert/--tls-key; with --tls-client-ca, client certificates are required."""
+        settings = self.settings
+        if settings.tls_cert is None or settings.tls_key is None:
+            return None
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca else None
+        return grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
 
     @property
     def address(self) -> str:
@@ -119,11 +173,8 @@ class KeystileServer:
         store = KeyStore(pool)
         self._store = store
         self._usage = UsageRecorder(store, flush_interval=self.settings.usage_flush_interval)
-        self._handlers.service = KeyService(
-            store,
-            default_prefix=self.settings.default_prefix,
-            page_tokens=PageTokenCodec(await store.server_secret("page_token_hmac")),
-            usage=self._usage,
+        self._handlers.service = await build_service(
+            store, self.settings, self._usage, static_admin_key=self._static_admin_key
         )
         self._tasks.append(asyncio.create_task(self._usage.run(), name="keystile-usage"))
         self._tasks.append(asyncio.create_task(self._watch_database(), name="keystile-health"))

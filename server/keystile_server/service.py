@@ -6,6 +6,8 @@ and shapes pages. It knows neither protobuf (the handlers translate) nor SQL (th
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import uuid
 from collections.abc import Sequence
@@ -15,7 +17,17 @@ from typing import Any
 
 from keystile._format import generate_key, hash_key, parse_key
 
-from .errors import KeyNotFound
+from .auth import (
+    KEYS_READ,
+    KEYS_VERIFY,
+    KEYS_WRITE,
+    STATIC_ADMIN_ID,
+    Caller,
+    check_no_escalation,
+    require_owner,
+    require_scope,
+)
+from .errors import AdminKeyExists, KeyNotFound, Unauthenticated
 from .model import KeyPage, KeyRecord, KeyState, NewKey, PageCursor, Verification, VerifyResult
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
@@ -34,6 +46,8 @@ from .validation import (
     check_scopes,
     scope_covers,
 )
+
+BEARER = "bearer "
 
 _log = logging.getLogger(__name__)
 
@@ -56,7 +70,6 @@ class KeySpec:
     expire_time: datetime | None = None
     rate_limit_per_minute: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
-    created_by: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,18 +81,61 @@ class CreatedKey:
 
 
 class KeyService:
-    """Creates, reads, lists, revokes and verifies keys."""
+    """Creates, reads, lists, revokes and verifies keys, for authenticated callers.
+
+    Every management method takes the caller's raw ``authorization`` value and authenticates it
+    here, so that which RPC needs which scope is decided in one layer, not in each handler.
+    """
 
     def __init__(
-        self, store: KeyStore, *, default_prefix: str, page_tokens: PageTokenCodec, usage: UsageRecorder
+        self,
+        store: KeyStore,
+        *,
+        default_prefix: str,
+        page_tokens: PageTokenCodec,
+        usage: UsageRecorder,
+        verify_auth: str = "open",
+        static_admin_key: str | None = None,
     ) -> None:
         self._store = store
         self._default_prefix = default_prefix
         self._page_tokens = page_tokens
         self._usage = usage
+        self._verify_auth_required = verify_auth == "required"
+        # Kept only as a digest: compared in constant time, and never printable from this object.
+        self._static_admin_digest = hash_key(static_admin_key) if static_admin_key else None
 
-    async def create_key(self, spec: KeySpec) -> CreatedKey:
-        """Validate ``spec``, mint a secret, and store only its hash and hint."""
+    async def authenticate(self, authorization: str) -> Caller:
+        """The caller named by ``Bearer <key>``, through the same lookup as VerifyKey."""
+        if not authorization:
+            raise Unauthenticated("CREDENTIALS_MISSING")
+        if authorization[: len(BEARER)].lower() != BEARER:
+            raise Unauthenticated("CREDENTIALS_MALFORMED")
+        secret = authorization[len(BEARER) :].strip()
+        if self._static_admin_digest is not None and hmac.compare_digest(
+            hashlib.sha256(secret.encode("utf-8")).digest(), self._static_admin_digest
+        ):
+            return Caller(key_id=STATIC_ADMIN_ID, owner_id="", scopes=("admin",))
+        verdict = await self._lookup(secret, (), "")
+        if verdict.result is VerifyResult.VALID:
+            assert verdict.key is not None
+            key = verdict.key
+            return Caller(key.id, key.owner_id, key.scopes, key.resources, key.expire_time)
+        raise Unauthenticated(_AUTH_FAILURES.get(verdict.result, "CREDENTIALS_UNKNOWN"))
+
+    async def create_key(self, spec: KeySpec, *, authorization: str) -> CreatedKey:
+        """Validate ``spec``, check the caller may mint it, and store only the hash and hint."""
+        caller = await self.authenticate(authorization)
+        require_scope(caller, KEYS_WRITE)
+        return await self._create(spec, caller=caller)
+
+    async def bootstrap_admin(self, owner_id: str, name: str, *, force: bool = False) -> CreatedKey:
+        """Mint an admin key with no caller: for `keystile bootstrap`, which holds database access."""
+        if not force and await self._store.has_active_admin_key(utc_now()):
+            raise AdminKeyExists()
+        return await self._create(KeySpec(owner_id=owner_id, name=name, scopes=["admin"]), caller=None)
+
+    async def _create(self, spec: KeySpec, *, caller: Caller | None) -> CreatedKey:
         now = utc_now()
         errors = Violations()
         owner_id = check_owner_id(spec.owner_id, errors)
@@ -100,6 +156,16 @@ class KeyService:
         elif expire_time is not None and expire_time <= now:
             errors.add("expire_time", "must lie in the future")
         errors.raise_if_any()
+        if caller is not None:
+            check_no_escalation(
+                caller,
+                owner_id=owner_id,
+                scopes=scopes,
+                resources=resources,
+                expire_time=expire_time,
+                expiry_field="ttl" if spec.ttl is not None else "expire_time",
+            )
+        created_by = caller.key_id if caller is not None else "bootstrap"
 
         secret = generate_key(prefix)
         parsed = parse_key(secret)
@@ -117,32 +183,38 @@ class KeyService:
                 metadata=metadata,
                 rate_limit_per_minute=spec.rate_limit_per_minute,
                 expire_time=expire_time,
-                created_by=spec.created_by,
+                created_by=created_by,
             )
         )
-        _log.info(
-            "key created id=%s owner=%s hint=%s by=%s", record.id, owner_id, parsed.hint, spec.created_by
-        )
+        _log.info("key created id=%s owner=%s hint=%s by=%s", record.id, owner_id, parsed.hint, created_by)
         return CreatedKey(key=record, secret=secret)
 
-    async def get_key(self, key_id: str) -> KeyRecord:
-        """The key with this id; KeyNotFound when there is none."""
+    async def get_key(self, key_id: str, *, authorization: str) -> KeyRecord:
+        """The key with this id; KeyNotFound when there is none or it belongs to another owner."""
+        caller = await self.authenticate(authorization)
+        require_scope(caller, KEYS_READ)
         errors = Violations()
         canonical = check_key_id(key_id, errors)
         errors.raise_if_any()
         record = await self._store.get_key(canonical) if canonical else None
-        if record is None:
+        # Another owner's key answers exactly like an unknown id: no existence oracle.
+        if record is None or not caller.owns(record.owner_id):
             raise KeyNotFound()
+        _log.debug("key read id=%s by=%s", record.id, caller.key_id)
         return record
 
     async def list_keys(
-        self, owner_id: str, *, page_size: int, page_token: str, include_inactive: bool
+        self, owner_id: str, *, page_size: int, page_token: str, include_inactive: bool, authorization: str
     ) -> KeyPage:
         """One page of an owner's keys, newest first, and the token for the next page."""
+        caller = await self.authenticate(authorization)
+        require_scope(caller, KEYS_READ)
         errors = Violations()
         check_owner_id(owner_id, errors)
         limit = check_page_size(page_size, errors)
         errors.raise_if_any()
+        require_owner(caller, owner_id)
+        _log.debug("keys listed owner=%s by=%s", owner_id, caller.key_id)
         after = (
             self._page_tokens.decode(page_token, owner_id=owner_id, include_inactive=include_inactive)
             if page_token
@@ -163,23 +235,36 @@ class KeyService:
             )
         return KeyPage(keys=keys, next_page_token=token)
 
-    async def revoke_key(self, key_id: str, reason: str, *, revoked_by: str | None = None) -> KeyRecord:
+    async def revoke_key(self, key_id: str, reason: str, *, authorization: str) -> KeyRecord:
         """Revoke a key; revoking it again succeeds and keeps the first time and reason."""
+        caller = await self.authenticate(authorization)
+        require_scope(caller, KEYS_WRITE)
         errors = Violations()
         canonical = check_key_id(key_id, errors)
         clean_reason = check_reason(reason, errors)
         errors.raise_if_any()
-        record = await self._store.revoke_key(canonical, clean_reason) if canonical else None
+        # The owner condition is part of the UPDATE, so another owner's key is never touched.
+        owner = None if caller.is_admin else caller.owner_id
+        record = await self._store.revoke_key(canonical, clean_reason, owner_id=owner) if canonical else None
         if record is None:
             raise KeyNotFound()
-        _log.info("key revoked id=%s owner=%s by=%s", record.id, record.owner_id, revoked_by)
+        _log.info("key revoked id=%s owner=%s by=%s", record.id, record.owner_id, caller.key_id)
         return record
 
-    async def verify_key(self, secret: str, required_scopes: Sequence[str], resource: str) -> Verification:
+    async def verify_key(
+        self, secret: str, required_scopes: Sequence[str], resource: str, *, authorization: str = ""
+    ) -> Verification:
         """Judge a presented secret: format, existence, revoked, expired, scopes, resource.
 
-        A malformed secret is answered before any database work, so garbage costs no query.
+        With ``--verify-auth open`` the presented key is its own credential; with ``required``
+        the caller must also hold ``keys:verify``. A malformed secret costs no query.
         """
+        if self._verify_auth_required:
+            require_scope(await self.authenticate(authorization), KEYS_VERIFY)
+        return await self._lookup(secret, required_scopes, resource)
+
+    async def _lookup(self, secret: str, required_scopes: Sequence[str], resource: str) -> Verification:
+        """The one verification path, shared by VerifyKey and caller authentication."""
         errors = Violations()
         required = check_scopes(required_scopes, errors, field="required_scopes")
         if resource:
@@ -195,6 +280,14 @@ class KeyService:
         if verdict is VerifyResult.VALID:
             self._usage.record(record.id, now)
         return Verification(verdict, record)
+
+
+_AUTH_FAILURES = {
+    VerifyResult.MALFORMED: "CREDENTIALS_MALFORMED",
+    VerifyResult.NOT_FOUND: "CREDENTIALS_UNKNOWN",
+    VerifyResult.REVOKED: "CREDENTIALS_REVOKED",
+    VerifyResult.EXPIRED: "CREDENTIALS_EXPIRED",
+}
 
 
 def judge(record: KeyRecord, required: Sequence[str], resource: str, now: datetime) -> VerifyResult:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -41,6 +41,21 @@ def _prefix(text: str) -> str:
     if not is_valid_prefix(text):
         raise ValueError("must be 1-16 characters of a-z 0-9 _ starting with a letter")
     return text
+
+
+def _verify_auth(text: str) -> str:
+    if text not in {"open", "required"}:
+        raise ValueError("must be open or required")
+    return text
+
+
+MIN_ADMIN_KEY_LENGTH: Final = 32
+
+
+def _admin_key(text: str) -> str:
+    if len(text.strip()) < MIN_ADMIN_KEY_LENGTH:
+        raise ValueError(f"must be at least {MIN_ADMIN_KEY_LENGTH} characters")
+    return text.strip()
 
 
 def _log_level(text: str) -> str:
@@ -91,6 +106,18 @@ OPTIONS: Final = (
         "SECONDS",
     ),
     Option("log_level", _log_level, "INFO", "debug, info, warning or error", "LEVEL"),
+    Option("verify_auth", _verify_auth, "open", "VerifyKey callers: open, or required (keys:verify)", "MODE"),
+    Option(
+        "admin_key",
+        _admin_key,
+        None,
+        "static admin secret, at least 32 characters (prefer the file)",
+        "SECRET",
+    ),
+    Option("admin_key_file", Path, None, "file holding the static admin secret", "FILE"),
+    Option("tls_cert", Path, None, "PEM certificate chain: serve TLS", "FILE"),
+    Option("tls_key", Path, None, "PEM private key for --tls-cert", "FILE"),
+    Option("tls_client_ca", Path, None, "PEM CA bundle: require client certificates (mTLS)", "FILE"),
 )
 
 
@@ -109,10 +136,35 @@ class Settings:
     health_check_interval: float = 2.0
     shutdown_grace: float = 10.0
     log_level: str = "INFO"
+    verify_auth: str = "open"
+    admin_key: str | None = field(default=None, repr=False)
+    admin_key_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
 
     def __post_init__(self) -> None:
         if self.pool_min_size > self.pool_max_size:
             raise SettingsError("pool_min_size must not exceed pool_max_size")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise SettingsError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise SettingsError("--tls-client-ca needs --tls-cert and --tls-key")
+        if self.admin_key is not None and self.admin_key_file is not None:
+            raise SettingsError("give KEYSTILE_ADMIN_KEY or KEYSTILE_ADMIN_KEY_FILE, not both")
+
+    def static_admin_key(self) -> str | None:
+        """The static admin secret, read from its file when one is named (never logged)."""
+        if self.admin_key_file is None:
+            return self.admin_key
+        try:
+            return _admin_key(self.admin_key_file.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(
+                f"--admin-key-file: cannot read {self.admin_key_file}: {exc.strerror}"
+            ) from exc
+        except ValueError as exc:
+            raise SettingsError(f"--admin-key-file: {exc}") from exc
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:

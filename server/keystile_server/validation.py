@@ -184,10 +184,14 @@ def check_key_id(key_id: str, errors: Violations) -> str | None:
         return None
 
 
+# Scopes that grant others outright: writing keys is useless without reading them.
+IMPLIED_SCOPES: Final = {"keys:write": frozenset({"keys:read"})}
+
+
 def scope_covers(granted: Iterable[str], required: str) -> bool:
-    """Whether any granted scope covers ``required``: equal, ``admin``, or a ``prefix:*`` wildcard."""
+    """Whether a granted scope covers ``required``: equal, ``admin``, implied, or a ``prefix:*`` wildcard."""
     for scope in granted:
-        if scope in (required, ADMIN_SCOPE):
+        if scope in (required, ADMIN_SCOPE) or required in IMPLIED_SCOPES.get(scope, ()):
             return True
         if scope.endswith(":*") and required.startswith(scope[:-1]):
             return True

@@ -36,12 +36,18 @@ _BY_ID: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %s"
 _BY_HASH: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE secret_hash = %s"
 
 # Revoking twice keeps the first time and reason: SET expressions see the row's old values.
-_REVOKE: Final = f"""
+_REVOKE_SET: Final = """
     UPDATE keystile.keys
        SET revoke_time = COALESCE(revoke_time, now()),
            revoke_reason = CASE WHEN revoke_time IS NULL THEN %(reason)s ELSE revoke_reason END
-     WHERE id = %(id)s
-    RETURNING {_COLUMNS}
+"""
+_REVOKE: Final = f"{_REVOKE_SET} WHERE id = %(id)s RETURNING {_COLUMNS}"
+_REVOKE_OWNED: Final = f"{_REVOKE_SET} WHERE id = %(id)s AND owner_id = %(owner_id)s RETURNING {_COLUMNS}"
+_HAS_ADMIN: Final = """
+    SELECT EXISTS (
+        SELECT 1 FROM keystile.keys
+         WHERE 'admin' = ANY(scopes) AND revoke_time IS NULL AND (expire_time IS NULL OR expire_time > %s)
+    )
 """
 
 # Four fixed statements rather than one with "x IS NULL OR ..." branches, so that each gets a
@@ -203,12 +209,27 @@ class KeyStore:
 
         return await self._read(query)
 
-    async def revoke_key(self, key_id: str, reason: str | None) -> KeyRecord | None:
-        """Revoke the key (idempotently) and return it; None when no such key exists."""
+    async def revoke_key(self, key_id: str, reason: str | None, *, owner_id: str | None) -> KeyRecord | None:
+        """Revoke the key (idempotently) and return it; None when no such key exists.
+
+        With ``owner_id`` only a key of that owner is revoked; another owner's key is left alone
+        and reported as missing.
+        """
+        params = {"id": uuid.UUID(key_id), "reason": reason, "owner_id": owner_id}
         async with self._connection() as conn:
-            cur = await conn.execute(_REVOKE, {"id": uuid.UUID(key_id), "reason": reason})
+            cur = await conn.execute(_REVOKE if owner_id is None else _REVOKE_OWNED, params)
             row = await cur.fetchone()
         return _record(row) if row else None
+
+    async def has_active_admin_key(self, now: datetime) -> bool:
+        """Whether any key granting ``admin`` is neither revoked nor expired at ``now``."""
+
+        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> bool:
+            cur = await conn.execute(_HAS_ADMIN, (now,))
+            row = await cur.fetchone()
+            return bool(row and row[0])
+
+        return await self._read(query)
 
     async def record_usage(self, used: dict[str, datetime], *, min_interval_seconds: float) -> None:
         """Set last_used_time for many keys in one statement, skipping keys written too recently."""
