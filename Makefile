@@ -27,6 +27,8 @@ install: $(STAMP) ## create .venv and install keystile with its development tool
 
 .PHONY: run
 run: $(STAMP) ## serve on 127.0.0.1:50051 with an embedded PostgreSQL in ./.keystile
+	@# First start only: mint an admin key and print it once (with a grpcurl line that uses it).
+	@if [ -z "$$KEYSTILE_DATABASE_URL" ]; then $(BIN)/keystile bootstrap --if-missing; fi
 	$(BIN)/keystile serve
 
 .PHONY: migrate
