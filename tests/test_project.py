@@ -122,3 +122,21 @@ def test_every_proto_element_is_commented() -> None:
             r"([A-Za-z.]+\s+)?[a-z_.A-Z]+\s+[a-z_A-Z0-9]+\s*=\s*\d+;", stripped
         ):
             assert text[i - 1].strip().startswith("//"), f"line {i + 1} has no comment: {stripped}"
+
+
+def test_static_admin_key_rules(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="KEYSTILE_ADMIN_KEY: must be at least 32"):
+        Settings.resolve(None, {"KEYSTILE_ADMIN_KEY": "short"})
+    secret = "s" * 40
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(secret + "\n")
+    settings = Settings.resolve(None, {"KEYSTILE_ADMIN_KEY_FILE": str(key_file)})
+    assert settings.static_admin_key() == secret
+    assert secret not in repr(settings) and secret not in repr(Settings(admin_key=secret))
+    key_file.write_text("too short")
+    with pytest.raises(SettingsError, match="admin-key-file: must be at least 32"):
+        settings.static_admin_key()
+    with pytest.raises(SettingsError, match="not both"):
+        Settings.resolve(None, {"KEYSTILE_ADMIN_KEY": secret, "KEYSTILE_ADMIN_KEY_FILE": str(key_file)})
+    with pytest.raises(SettingsError, match="tls-cert and --tls-key"):
+        Settings(tls_cert=key_file)
