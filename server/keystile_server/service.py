@@ -6,7 +6,6 @@ and shapes pages. It knows neither protobuf (the handlers translate) nor SQL (th
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import uuid
@@ -113,7 +112,7 @@ class KeyService:
             raise Unauthenticated("CREDENTIALS_MALFORMED")
         secret = authorization[len(BEARER) :].strip()
         if self._static_admin_digest is not None and hmac.compare_digest(
-            hashlib.sha256(secret.encode("utf-8")).digest(), self._static_admin_digest
+            hash_key(secret), self._static_admin_digest
         ):
             return Caller(key_id=STATIC_ADMIN_ID, owner_id="", scopes=("admin",))
         verdict = await self._lookup(secret, (), "")
