@@ -98,6 +98,34 @@ VERIFY_RESULT_RATE_LIMITED: VerifyResult.ValueType  # 8
 """VERIFY_RESULT_RATE_LIMITED means the key exceeded its rate_limit_per_minute."""
 Global___VerifyResult: _TypeAlias = VerifyResult  # noqa: Y015
 
+class _KeyEventType:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KeyEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyEventType.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KEY_EVENT_TYPE_UNSPECIFIED: _KeyEventType.ValueType  # 0
+    """KEY_EVENT_TYPE_UNSPECIFIED is never sent; clients must treat it as a broken stream."""
+    KEY_EVENT_TYPE_READY: _KeyEventType.ValueType  # 1
+    """KEY_EVENT_TYPE_READY opens every stream: every key change from now on will be sent, so caching may start (from empty)."""
+    KEY_EVENT_TYPE_INVALIDATE: _KeyEventType.ValueType  # 2
+    """KEY_EVENT_TYPE_INVALIDATE names keys that changed; every cached verdict for them must be dropped now."""
+    KEY_EVENT_TYPE_HEARTBEAT: _KeyEventType.ValueType  # 3
+    """KEY_EVENT_TYPE_HEARTBEAT is sent when nothing else was for one heartbeat interval; silence means a dead stream."""
+
+class KeyEventType(_KeyEventType, metaclass=_KeyEventTypeEnumTypeWrapper):
+    """KeyEventType says what a WatchKeyEventsResponse carries."""
+
+KEY_EVENT_TYPE_UNSPECIFIED: KeyEventType.ValueType  # 0
+"""KEY_EVENT_TYPE_UNSPECIFIED is never sent; clients must treat it as a broken stream."""
+KEY_EVENT_TYPE_READY: KeyEventType.ValueType  # 1
+"""KEY_EVENT_TYPE_READY opens every stream: every key change from now on will be sent, so caching may start (from empty)."""
+KEY_EVENT_TYPE_INVALIDATE: KeyEventType.ValueType  # 2
+"""KEY_EVENT_TYPE_INVALIDATE names keys that changed; every cached verdict for them must be dropped now."""
+KEY_EVENT_TYPE_HEARTBEAT: KeyEventType.ValueType  # 3
+"""KEY_EVENT_TYPE_HEARTBEAT is sent when nothing else was for one heartbeat interval; silence means a dead stream."""
+Global___KeyEventType: _TypeAlias = KeyEventType  # noqa: Y015
+
 @_typing.final
 class Key(_message.Message):
     """Key is an API key as stored: everything except its secret, which only CreateKey returns."""
@@ -505,3 +533,67 @@ class VerifyKeyResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___VerifyKeyResponse: _TypeAlias = VerifyKeyResponse  # noqa: Y015
+
+@_typing.final
+class WatchKeyEventsRequest(_message.Message):
+    """WatchKeyEventsRequest opens a stream of key change events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """heartbeat_interval is how often an idle stream carries a heartbeat; unset means 5 seconds; 1 to 60 seconds."""
+
+    def __init__(
+        self,
+        *,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKeyEventsRequest: _TypeAlias = WatchKeyEventsRequest  # noqa: Y015
+
+@_typing.final
+class WatchKeyEventsResponse(_message.Message):
+    """WatchKeyEventsResponse is one event on a WatchKeyEvents stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    KEY_HASHES_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _builtins.int
+    MAX_STALENESS_FIELD_NUMBER: _builtins.int
+    type: Global___KeyEventType.ValueType
+    """type says what this event is."""
+    @_builtins.property
+    def key_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]:
+        """key_hashes are the SHA-256 digests (32 bytes) of the changed keys' secrets, for INVALIDATE."""
+
+    @_builtins.property
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """heartbeat_interval is the interval this stream keeps, sent with READY."""
+
+    @_builtins.property
+    def max_staleness(self) -> _duration_pb2.Duration:
+        """max_staleness is the longest any cached verdict may be served even while the stream is healthy, sent with READY."""
+
+    def __init__(
+        self,
+        *,
+        type: Global___KeyEventType.ValueType = ...,
+        key_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+        heartbeat_interval: _duration_pb2.Duration | None = ...,
+        max_staleness: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "max_staleness", b"max_staleness"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "key_hashes", b"key_hashes", "max_staleness", b"max_staleness", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchKeyEventsResponse: _TypeAlias = WatchKeyEventsResponse  # noqa: Y015

@@ -60,6 +60,11 @@ class KeyServiceStub:
                 request_serializer=keystile_dot_v1_dot_keys__pb2.VerifyKeyRequest.SerializeToString,
                 response_deserializer=keystile_dot_v1_dot_keys__pb2.VerifyKeyResponse.FromString,
                 _registered_method=True)
+        self.WatchKeyEvents = channel.unary_stream(
+                '/keystile.v1.KeyService/WatchKeyEvents',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -101,6 +106,13 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchKeyEvents(self, request, context):
+        """WatchKeyEvents streams key changes so that clients may cache verdicts and drop them the moment a key changes.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,6 +140,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.VerifyKey,
                     request_deserializer=keystile_dot_v1_dot_keys__pb2.VerifyKeyRequest.FromString,
                     response_serializer=keystile_dot_v1_dot_keys__pb2.VerifyKeyResponse.SerializeToString,
+            ),
+            'WatchKeyEvents': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchKeyEvents,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -266,6 +283,33 @@ class KeyService:
             '/keystile.v1.KeyService/VerifyKey',
             keystile_dot_v1_dot_keys__pb2.VerifyKeyRequest.SerializeToString,
             keystile_dot_v1_dot_keys__pb2.VerifyKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchKeyEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/keystile.v1.KeyService/WatchKeyEvents',
+            keystile_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,8 @@ class KeyServiceStub:
     """RevokeKey revokes a key at once; revoking a revoked key succeeds and changes nothing."""
     VerifyKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.VerifyKeyRequest, _keys_pb2.VerifyKeyResponse]
     """VerifyKey answers whether a presented secret is valid and grants the required scopes and resource."""
+    WatchKeyEvents: _grpc.UnaryStreamMultiCallable[_keys_pb2.WatchKeyEventsRequest, _keys_pb2.WatchKeyEventsResponse]
+    """WatchKeyEvents streams key changes so that clients may cache verdicts and drop them the moment a key changes."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -59,6 +61,8 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """RevokeKey revokes a key at once; revoking a revoked key succeeds and changes nothing."""
     VerifyKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.VerifyKeyRequest, _keys_pb2.VerifyKeyResponse]  # type: ignore[assignment]
     """VerifyKey answers whether a presented secret is valid and grants the required scopes and resource."""
+    WatchKeyEvents: _aio.UnaryStreamMultiCallable[_keys_pb2.WatchKeyEventsRequest, _keys_pb2.WatchKeyEventsResponse]  # type: ignore[assignment]
+    """WatchKeyEvents streams key changes so that clients may cache verdicts and drop them the moment a key changes."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService creates, lists and revokes API keys, and answers whether a presented key may act."""
@@ -102,5 +106,13 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.VerifyKeyResponse, _abc.Awaitable[_keys_pb2.VerifyKeyResponse]]:
         """VerifyKey answers whether a presented secret is valid and grants the required scopes and resource."""
+
+    @_abc_1.abstractmethod
+    def WatchKeyEvents(
+        self,
+        request: _keys_pb2.WatchKeyEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_keys_pb2.WatchKeyEventsResponse], _abc.AsyncIterator[_keys_pb2.WatchKeyEventsResponse]]:
+        """WatchKeyEvents streams key changes so that clients may cache verdicts and drop them the moment a key changes."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
