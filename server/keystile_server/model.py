@@ -7,9 +7,9 @@ protobuf. Neither SQL nor protobuf appears here.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class KeyState(enum.Enum):
@@ -53,7 +53,7 @@ class NewKey:
 
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
-    """A key as stored (without its hash, which nothing above the store needs)."""
+    """A key as stored. ``secret_hash`` is the cache index; the secret itself exists nowhere."""
 
     id: str
     owner_id: str
@@ -70,6 +70,7 @@ class KeyRecord:
     revoke_reason: str | None
     last_used_time: datetime | None
     created_by: str | None
+    secret_hash: bytes = field(default=b"", repr=False)
 
     def state(self, now: datetime) -> KeyState:
         """Revocation wins over expiry: a revoked key stays revoked after it would have expired."""
@@ -96,9 +97,12 @@ class KeyPage:
     next_page_token: str
 
 
-@dataclass(frozen=True, slots=True)
-class Verification:
-    """The answer to VerifyKey: a result, and the key for every result but MALFORMED and NOT_FOUND."""
+class Verification(NamedTuple):
+    """The answer to VerifyKey: a result, and the key for every result but MALFORMED and NOT_FOUND.
+
+    A NamedTuple rather than a frozen dataclass: one is built per verification, and a tuple is
+    the cheapest immutable value Python makes.
+    """
 
     result: VerifyResult
     key: KeyRecord | None = None
