@@ -1,8 +1,9 @@
 """A TCP proxy in front of PostgreSQL that tests can cut and restore: a real network fault.
 
-Servers under test connect through it; ``cut()`` closes every connection and refuses new ones,
-``restore()`` listens again on the same port. Works for TCP servers and Unix-socket servers
-(the embedded PostgreSQL) alike.
+Servers under test connect through it; ``cut()`` closes every connection and refuses new
+ones, ``restore()`` listens again on the same port. ``freeze()`` stops forwarding without
+closing anything (a network that silently drops packets), ``thaw()`` resumes. Works for TCP
+servers and Unix-socket servers (the embedded PostgreSQL) alike.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ class PgProxy:
             else (socket.AF_INET, (host, port))
         )
         self._lock = threading.Lock()
+        self._flowing = threading.Event()
+        self._flowing.set()
         self._sockets: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self.port = 0
@@ -62,6 +65,7 @@ class PgProxy:
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while data := src.recv(65536):
+                self._flowing.wait()  # frozen: hold the bytes, as a black-holed route would
                 dst.sendall(data)
         except OSError:
             pass
@@ -86,7 +90,16 @@ class PgProxy:
                 s.shutdown(socket.SHUT_RDWR)
             s.close()
 
+    def freeze(self) -> None:
+        """Stop delivering bytes in either direction, keeping every connection open."""
+        self._flowing.clear()
+
+    def thaw(self) -> None:
+        """Deliver bytes again (including those held while frozen)."""
+        self._flowing.set()
+
     def close(self) -> None:
+        self.thaw()
         self.cut()
 
 

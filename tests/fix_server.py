@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -23,6 +24,7 @@ from typing import Any, TypeVar
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 import keystile
 from keystile_server.server import KeystileServer
@@ -67,6 +69,7 @@ def server_settings(database_url: str, **changes: Any) -> Settings:
         db_timeout=2.0,
         shutdown_grace=2.0,
         admin_key=ADMIN_KEY,
+        metrics_listen="127.0.0.1:0",
     )
     return base.replace(**changes)
 
@@ -98,6 +101,39 @@ class RunningServer:
             self.stopped = True
             self.aio.run(self.server.stop())
 
+    def metrics(self) -> Metrics:
+        """The server's /metrics, scraped over HTTP as Prometheus would."""
+        return scrape_metrics(f"127.0.0.1:{self.server.metrics_port}")
+
+
+class Metrics(dict[str, float]):
+    """Samples by ``name{label=value,...}``; absent samples read as 0."""
+
+    def __missing__(self, key: str) -> float:
+        return 0.0
+
+
+def scrape_metrics(address: str) -> Metrics:
+    """Fetch and parse a Prometheus text exposition."""
+    with urllib.request.urlopen(f"http://{address}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    values = Metrics()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return values
+
+
+def eventually(check: Callable[[], bool], timeout: float = 5.0, interval: float = 0.01) -> float:
+    """Poll ``check`` until it holds; return the seconds it took (fail after ``timeout``)."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+    return time.monotonic() - start
+
 
 @pytest.fixture(scope="session")
 def server(aio: AioLoop, database_url: str) -> Iterator[RunningServer]:
@@ -114,6 +150,33 @@ def start_server(aio: AioLoop) -> Iterator[Callable[..., RunningServer]]:
 
     def start(settings: Settings, *, wait_ready: bool = True) -> RunningServer:
         running = RunningServer(aio, settings, wait_ready=wait_ready)
+        started.append(running)
+        return running
+
+    yield start
+    for running in started:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def module_db_url(make_database: Callable[[], str]) -> str:
+    """A database of the test module's own: its servers' listeners are the only ones there."""
+    return make_database()
+
+
+@pytest.fixture
+def fresh(
+    start_server: Callable[..., RunningServer], module_db_url: str
+) -> Iterator[Callable[..., RunningServer]]:
+    """Start servers of the test's own on ``module_db_url`` (counters from zero), settings changed.
+
+    Each is returned once its cache is armed (its LISTEN connection is up), and stopped after the test.
+    """
+    started: list[RunningServer] = []
+
+    def start(**changes: Any) -> RunningServer:
+        running = start_server(server_settings(module_db_url, **changes))
+        eventually(lambda: running.metrics()["keystile_key_listener_up"] == 1)
         started.append(running)
         return running
 

@@ -92,6 +92,11 @@ def test_settings_flags_override_environment_override_defaults() -> None:
         ({"KEYSTILE_DEFAULT_PREFIX": "Bad"}, "KEYSTILE_DEFAULT_PREFIX"),
         ({"KEYSTILE_LOG_LEVEL": "loud"}, "KEYSTILE_LOG_LEVEL"),
         ({"KEYSTILE_POOL_MIN_SIZE": "5", "KEYSTILE_POOL_MAX_SIZE": "2"}, "pool_min_size"),
+        ({"KEYSTILE_WORKERS": "0"}, "KEYSTILE_WORKERS: must be at least 1"),
+        ({"KEYSTILE_CACHE_MAX_ENTRIES": "-1"}, "KEYSTILE_CACHE_MAX_ENTRIES: must not be negative"),
+        ({"KEYSTILE_MAX_STALENESS": "0"}, "KEYSTILE_MAX_STALENESS: must be positive"),
+        ({"KEYSTILE_METRICS_LISTEN": "9464"}, "KEYSTILE_METRICS_LISTEN: must be HOST:PORT"),
+        ({"KEYSTILE_METRICS_LISTEN": "localhost:99999"}, "KEYSTILE_METRICS_LISTEN: must be HOST:PORT"),
     ],
 )
 def test_bad_settings_are_named(env: dict[str, str], message: str) -> None:

@@ -10,7 +10,8 @@ maps each class to exactly one gRPC status code and ErrorInfo reason::
     ├── PermissionDenied       PERMISSION_DENIED
     ├── KeyNotFound            NOT_FOUND
     ├── AdminKeyExists         FAILED_PRECONDITION
-    └── StoreUnavailable       UNAVAILABLE
+    ├── StoreUnavailable       UNAVAILABLE
+    └── EventsUnavailable      UNAVAILABLE       (WatchKeyEvents: events may be lost; resubscribe)
 """
 
 from __future__ import annotations
@@ -105,6 +106,15 @@ class StoreUnavailable(KeystileError):
 
     def __init__(self) -> None:
         super().__init__("the key store is unavailable; retry later")
+
+
+class EventsUnavailable(KeystileError):
+    """Key events cannot be delivered (listener down, subscriber too slow, or shutdown)."""
+
+    reason = "EVENTS_UNAVAILABLE"
+
+    def __init__(self, why: str) -> None:
+        super().__init__(f"key events are not being delivered ({why}); drop cached verdicts and resubscribe")
 
 
 def violation_error(field: str, description: str) -> InvalidArgument:

@@ -6,8 +6,9 @@ domain's, and every error leaves through ``rpc_errors``.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 import grpc
 from google.protobuf import json_format, struct_pb2
@@ -16,7 +17,7 @@ from keystile.v1 import keys_pb2, keys_pb2_grpc
 
 from .errors import StoreUnavailable, violation_error
 from .model import KeyRecord, KeyState, VerifyResult
-from .rpc_errors import translate_errors
+from .rpc_errors import translate_errors, translate_stream_errors
 from .service import KeyService, KeySpec, utc_now
 
 _STATES = {
@@ -25,6 +26,7 @@ _STATES = {
     KeyState.EXPIRED: keys_pb2.KEY_STATE_EXPIRED,
 }
 _RESULTS = {result: keys_pb2.VerifyResult.Value(f"VERIFY_RESULT_{result.name}") for result in VerifyResult}
+_BARE_RESPONSES = {result: keys_pb2.VerifyKeyResponse(result=code) for result, code in _RESULTS.items()}
 
 
 def key_to_proto(record: KeyRecord, now: datetime) -> keys_pb2.Key:
@@ -75,11 +77,31 @@ def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return ""
 
 
+_MAX_MEMO: Final = 50_000
+
+
 class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
     """The KeyService servicer; answers UNAVAILABLE until the domain service is attached."""
 
     def __init__(self) -> None:
         self.service: KeyService | None = None
+        # VerifyKey answers for cached keys repeat: the same snapshot, the same result. Building
+        # the Key message costs more than the rest of a cache hit together, so each (snapshot,
+        # result) pair is built once and the message reused (gRPC only serializes it).
+        self._responses: dict[tuple[int, VerifyResult], tuple[KeyRecord, keys_pb2.VerifyKeyResponse]] = {}
+
+    def _verify_response(self, result: VerifyResult, record: KeyRecord | None) -> keys_pb2.VerifyKeyResponse:
+        if record is None:
+            return _BARE_RESPONSES[result]
+        memo_key = (id(record), result)
+        memo = self._responses.get(memo_key)
+        if memo is not None and memo[0] is record:  # the id is only trusted for the same object
+            return memo[1]
+        response = keys_pb2.VerifyKeyResponse(result=_RESULTS[result], key=key_to_proto(record, utc_now()))
+        if len(self._responses) >= _MAX_MEMO:
+            self._responses.clear()
+        self._responses[memo_key] = (record, response)
+        return response
 
     def _service(self) -> KeyService:
         if self.service is None:
@@ -155,13 +177,42 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         context: grpc.aio.ServicerContext[keys_pb2.VerifyKeyRequest, keys_pb2.VerifyKeyResponse],
     ) -> keys_pb2.VerifyKeyResponse:
         """Judge a presented key; an invalid key is an answer, not an error."""
-        verdict = await self._service().verify_key(
+        service = self._service()
+        verdict = await service.verify_key(
             request.key,
-            list(request.required_scopes),
+            request.required_scopes,
             request.resource,
+            # Metadata is only read when the mode needs a caller key.
+            authorization=_authorization(context) if service.verify_auth_required else "",
+        )
+        return self._verify_response(verdict.result, verdict.key)
+
+    @translate_stream_errors
+    async def WatchKeyEvents(
+        self,
+        request: keys_pb2.WatchKeyEventsRequest,
+        context: grpc.aio.ServicerContext[keys_pb2.WatchKeyEventsRequest, keys_pb2.WatchKeyEventsResponse],
+    ) -> AsyncIterator[keys_pb2.WatchKeyEventsResponse]:
+        """READY, then an INVALIDATE per batch of changed keys, a HEARTBEAT when idle."""
+        service = self._service()
+        subscription, interval = await service.watch_key_events(
+            request.heartbeat_interval.ToTimedelta() if request.HasField("heartbeat_interval") else None,
             authorization=_authorization(context),
         )
-        response = keys_pb2.VerifyKeyResponse(result=_RESULTS[verdict.result])
-        if verdict.key is not None:
-            response.key.CopyFrom(key_to_proto(verdict.key, utc_now()))
-        return response
+        try:
+            ready = keys_pb2.WatchKeyEventsResponse(type=keys_pb2.KEY_EVENT_TYPE_READY)
+            ready.heartbeat_interval.FromTimedelta(interval)
+            ready.max_staleness.FromTimedelta(service.max_staleness)
+            yield ready
+            heartbeat = keys_pb2.WatchKeyEventsResponse(type=keys_pb2.KEY_EVENT_TYPE_HEARTBEAT)
+            seconds = interval.total_seconds()
+            while True:
+                batch = await subscription.next_batch(seconds)
+                if batch:
+                    yield keys_pb2.WatchKeyEventsResponse(
+                        type=keys_pb2.KEY_EVENT_TYPE_INVALIDATE, key_hashes=batch
+                    )
+                else:
+                    yield heartbeat
+        finally:
+            subscription.close()

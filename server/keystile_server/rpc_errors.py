@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Final, TypeVar
 
 import grpc
@@ -21,6 +21,7 @@ from grpc_status import rpc_status
 
 from .errors import (
     AdminKeyExists,
+    EventsUnavailable,
     InvalidArgument,
     KeyNotFound,
     KeystileError,
@@ -42,6 +43,7 @@ _CODES: Final[dict[type[KeystileError], int]] = {
     PermissionDenied: code_pb2.PERMISSION_DENIED,
     AdminKeyExists: code_pb2.FAILED_PRECONDITION,
     StoreUnavailable: code_pb2.UNAVAILABLE,
+    EventsUnavailable: code_pb2.UNAVAILABLE,
 }
 
 
@@ -80,22 +82,44 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self_ = TypeVar("Self_")
 Method = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
+StreamMethod = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]
+
+
+async def _abort(name: str, exc: Exception, context: grpc.aio.ServicerContext[Req, Resp]) -> None:
+    """End the call with the status for ``exc``; anything unexpected is logged with its traceback."""
+    if isinstance(exc, KeystileError):
+        if isinstance(exc, StoreUnavailable | EventsUnavailable):
+            _log.warning("%s: %s", name, exc.message)
+        await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
+    _log.error("unexpected error in %s", name, exc_info=exc)
+    await context.abort_with_status(to_status(Exception()))  # type: ignore[attr-defined]
 
 
 def translate_errors(method: Method[Self_, Req, Resp]) -> Method[Self_, Req, Resp]:
-    """Wrap a servicer method so that every exception leaves as a well-formed status."""
+    """Wrap a unary servicer method so that every exception leaves as a well-formed status."""
 
     @functools.wraps(method)
     async def wrapper(self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
             return await method(self, request, context)
-        except KeystileError as exc:
-            if isinstance(exc, StoreUnavailable):
-                _log.warning("%s: %s", getattr(method, "__name__", "rpc"), exc.message)
-            await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
-        except Exception:
-            _log.exception("unexpected error in %s", getattr(method, "__name__", "rpc"))
-            await context.abort_with_status(to_status(Exception()))  # type: ignore[attr-defined]
+        except Exception as exc:
+            await _abort(method.__name__, exc, context)
         raise AssertionError("unreachable: abort_with_status raises")
+
+    return wrapper
+
+
+def translate_stream_errors(method: StreamMethod[Self_, Req, Resp]) -> StreamMethod[Self_, Req, Resp]:
+    """``translate_errors`` for server-streaming methods (async generators)."""
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
+    ) -> AsyncIterator[Resp]:
+        try:
+            async for response in method(self, request, context):
+                yield response
+        except Exception as exc:
+            await _abort(method.__name__, exc, context)
 
     return wrapper

@@ -10,27 +10,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
-from typing import Final
+from datetime import timedelta
+from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
 from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
+from .cache import VerificationCache
 from .embedded import EmbeddedPostgres
 from .errors import StoreUnavailable
 from .handlers import KeyServiceHandlers
+from .metrics import ServerMetrics
 from .page_tokens import PageTokenCodec
 from .service import CreatedKey, KeyService
 from .settings import Settings
 from .store import KeyStore, migrate
+from .store.key_events import KeyEventListener
 from .usage import UsageRecorder
+from .watch import KeyEventHub
 
 _log = logging.getLogger(__name__)
 
@@ -40,8 +47,26 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
 
 
+def build_cache(store: KeyStore, settings: Settings, metrics: ServerMetrics) -> VerificationCache:
+    """A disarmed verification cache over the store, sized from settings."""
+    return VerificationCache(
+        store.find_by_hashes,
+        max_entries=settings.cache_max_entries,
+        negative_max_entries=settings.negative_cache_max_entries,
+        max_staleness=settings.max_staleness,
+        metrics=metrics,
+    )
+
+
 async def build_service(
-    store: KeyStore, settings: Settings, usage: UsageRecorder, *, static_admin_key: str | None
+    store: KeyStore,
+    settings: Settings,
+    usage: UsageRecorder,
+    *,
+    static_admin_key: str | None,
+    metrics: ServerMetrics,
+    cache: VerificationCache | None = None,
+    events: KeyEventHub | None = None,
 ) -> KeyService:
     """The domain service over an open store, configured from settings."""
     return KeyService(
@@ -49,9 +74,25 @@ async def build_service(
         default_prefix=settings.default_prefix,
         page_tokens=PageTokenCodec(await store.server_secret("page_token_hmac")),
         usage=usage,
+        cache=cache if cache is not None else build_cache(store, settings, metrics),
+        events=events if events is not None else KeyEventHub(),
+        metrics=metrics,
         verify_auth=settings.verify_auth,
         static_admin_key=static_admin_key,
+        max_staleness=timedelta(seconds=settings.max_staleness),
     )
+
+
+def start_metrics_server(listen: str, registry: CollectorRegistry) -> tuple[Any, int]:
+    """Serve ``/metrics`` for ``registry`` on its own port, in a thread; returns (server, port)."""
+    host, _, port = listen.rpartition(":")
+    try:
+        http_server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
+    except OSError as exc:
+        raise OSError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
+    bound = int(http_server.server_address[1])
+    _log.info("metrics on http://%s:%d/metrics", host, bound)
+    return http_server, bound
 
 
 async def bootstrap_admin(settings: Settings, *, owner_id: str, name: str, force: bool) -> CreatedKey:
@@ -66,7 +107,11 @@ async def bootstrap_admin(settings: Settings, *, owner_id: str, name: str, force
         try:
             store = KeyStore(pool)
             service = await build_service(
-                store, settings, UsageRecorder(store, flush_interval=60), static_admin_key=None
+                store,
+                settings,
+                UsageRecorder(store, flush_interval=60),
+                static_admin_key=None,
+                metrics=ServerMetrics(),
             )
             return await service.bootstrap_admin(owner_id, name, force=force)
         finally:
@@ -77,11 +122,23 @@ async def bootstrap_admin(settings: Settings, *, owner_id: str, name: str, force
 
 
 class KeystileServer:
-    """One keystile server process: ``await start()``, then ``await stop()``."""
+    """One keystile server process: ``await start()``, then ``await stop()``.
 
-    def __init__(self, settings: Settings) -> None:
+    ``reuse_port`` lets several worker processes bind the same port (``--workers``); a lone
+    server leaves it off so that a port already taken fails loudly. ``serve_metrics`` is off in
+    workers, whose supervisor serves the combined ``/metrics``.
+    """
+
+    def __init__(self, settings: Settings, *, reuse_port: bool = False, serve_metrics: bool = True) -> None:
         self.settings = settings
         self.port = 0
+        self.metrics_port = 0
+        self._reuse_port = reuse_port
+        self._serve_metrics = serve_metrics
+        self.metrics = ServerMetrics()
+        self._metrics_http: Any = None
+        self._events = KeyEventHub()
+        self._cache: VerificationCache | None = None
         self._handlers = KeyServiceHandlers()
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._grpc: grpc.aio.Server | None = None
@@ -100,8 +157,9 @@ class KeystileServer:
         if self._database_url is None:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
             self._database_url = await asyncio.to_thread(self._embedded.start)
-        # so_reuseport off: a second server on a taken port must fail loudly, not share it silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # so_reuseport off unless we are one of --workers: a second server on a taken port must
+        # fail loudly, not share it silently.
+        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self._reuse_port))])
         keys_pb2_grpc.add_KeyServiceServicer_to_server(self._handlers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -120,6 +178,10 @@ class KeystileServer:
         await server.start()
         self._grpc = server
         _log.info("listening on %s", self.address)
+        if self._serve_metrics and self.settings.metrics_listen:
+            self._metrics_http, self.metrics_port = start_metrics_server(
+                self.settings.metrics_listen, self.metrics.registry
+            )
         self._tasks.append(asyncio.create_task(self._connect(), name="keystile-connect"))
 
     def _tls_credentials(self) -> grpc.ServerCredentials | None:
@@ -170,17 +232,52 @@ class KeystileServer:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
         self._pool = pool
-        store = KeyStore(pool)
+        store = KeyStore(pool, on_query=self.metrics.count_query)
         self._store = store
         self._usage = UsageRecorder(store, flush_interval=self.settings.usage_flush_interval)
+        cache = self._cache = build_cache(store, self.settings, self.metrics)
+        cache.disarm()
         self._handlers.service = await build_service(
-            store, self.settings, self._usage, static_admin_key=self._static_admin_key
+            store,
+            self.settings,
+            self._usage,
+            static_admin_key=self._static_admin_key,
+            metrics=self.metrics,
+            cache=cache,
+            events=self._events,
         )
+        listener = KeyEventListener(
+            self._database_url,
+            on_event=self._key_changed,
+            on_connected=self._events_flowing,
+            on_disconnected=self._events_lost,
+            ping_interval=self.settings.health_check_interval,
+            timeout=self.settings.db_timeout,
+        )
+        self._tasks.append(asyncio.create_task(listener.run(), name="keystile-listener"))
         self._tasks.append(asyncio.create_task(self._usage.run(), name="keystile-usage"))
         self._tasks.append(asyncio.create_task(self._watch_database(), name="keystile-health"))
         await self._set_serving(True)
         self._ready.set()
         _log.info("ready: database connected, serving")
+
+    def _key_changed(self, secret_hash: bytes, lag: float) -> None:
+        assert self._cache is not None
+        self._cache.invalidate(secret_hash)
+        self._events.publish(secret_hash)
+        self.metrics.key_events.inc()
+        self.metrics.key_event_lag.observe(lag)
+
+    def _events_flowing(self) -> None:
+        assert self._cache is not None
+        self._cache.arm()
+        self._events.open()
+
+    def _events_lost(self) -> None:
+        assert self._cache is not None
+        self._cache.disarm()
+        self._events.close_all("listener disconnected")
+        _log.warning("key events lost: cache bypassed and watch streams closed until reconnected")
 
     async def _set_serving(self, serving: bool) -> None:
         for name in ("", KEY_SERVICE_NAME):
@@ -192,6 +289,10 @@ class KeystileServer:
         serving = True
         while True:
             await asyncio.sleep(self.settings.health_check_interval)
+            if self._cache is not None:
+                self._cache.report_size()
+            self.metrics.publish()
+            self.metrics.watchers.set(len(self._events))
             try:
                 await asyncio.wait_for(self._store.ping(), self.settings.db_timeout)
                 healthy = True
@@ -207,6 +308,8 @@ class KeystileServer:
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, drain calls, flush, close the pool, stop the database."""
         await self._health.enter_graceful_shutdown()
+        # Watch streams never end on their own: close them so that draining is not held up.
+        self._events.close_all("server shutting down")
         if self._grpc is not None:
             await self._grpc.stop(self.settings.shutdown_grace)
         for task in self._tasks:
@@ -216,23 +319,32 @@ class KeystileServer:
                 await task
         if self._usage is not None:
             await self._usage.flush()
+        self.metrics.publish()
         if self._pool is not None:
             await self._pool.close()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
         _log.info("stopped")
 
 
-async def serve(settings: Settings) -> None:
+async def serve(settings: Settings, *, reuse_port: bool = False, serve_metrics: bool = True) -> None:
     """Run a server until SIGINT or SIGTERM, then shut down gracefully."""
-    server = KeystileServer(settings)
+    server = KeystileServer(settings, reuse_port=reuse_port, serve_metrics=serve_metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Start-up objects (modules, descriptors, the pool) live for good: once ready, keep them out
+    # of the collector's generations so collections on the request path walk less.
+    freeze = asyncio.create_task(server.wait_ready())
+    freeze.add_done_callback(lambda task: None if task.cancelled() else gc.freeze())
     try:
         await server.start()
         await stop.wait()
         _log.info("shutting down")
     finally:
+        freeze.cancel()
         await server.stop()

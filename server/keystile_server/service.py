@@ -12,9 +12,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
-from keystile._format import generate_key, hash_key, parse_key
+from keystile._format import MAX_KEY_LENGTH, generate_key, hash_key, parse_key
 
 from .auth import (
     KEYS_READ,
@@ -26,7 +26,9 @@ from .auth import (
     require_owner,
     require_scope,
 )
+from .cache import VerificationCache
 from .errors import AdminKeyExists, KeyNotFound, Unauthenticated
+from .metrics import ServerMetrics
 from .model import KeyPage, KeyRecord, KeyState, NewKey, PageCursor, Verification, VerifyResult
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
@@ -45,8 +47,12 @@ from .validation import (
     check_scopes,
     scope_covers,
 )
+from .watch import KeyEventHub, Subscription
 
 BEARER = "bearer "
+DEFAULT_HEARTBEAT: Final = timedelta(seconds=5)
+MIN_HEARTBEAT: Final = timedelta(seconds=1)
+MAX_HEARTBEAT: Final = timedelta(seconds=60)
 
 _log = logging.getLogger(__name__)
 
@@ -93,14 +99,22 @@ class KeyService:
         default_prefix: str,
         page_tokens: PageTokenCodec,
         usage: UsageRecorder,
+        cache: VerificationCache,
+        events: KeyEventHub,
+        metrics: ServerMetrics,
         verify_auth: str = "open",
         static_admin_key: str | None = None,
+        max_staleness: timedelta = timedelta(seconds=30),
     ) -> None:
         self._store = store
+        self._cache = cache
+        self._events = events
+        self._verdicts = metrics.verifications
         self._default_prefix = default_prefix
         self._page_tokens = page_tokens
         self._usage = usage
-        self._verify_auth_required = verify_auth == "required"
+        self.verify_auth_required = verify_auth == "required"
+        self.max_staleness = max_staleness
         # Kept only as a digest: compared in constant time, and never printable from this object.
         self._static_admin_digest = hash_key(static_admin_key) if static_admin_key else None
 
@@ -247,6 +261,9 @@ class KeyService:
         record = await self._store.revoke_key(canonical, clean_reason, owner_id=owner) if canonical else None
         if record is None:
             raise KeyNotFound()
+        # The NOTIFY reaches every process within milliseconds; evicting here as well means this
+        # process refuses the key before RevokeKey even returns.
+        self._cache.invalidate(record.secret_hash)
         _log.info("key revoked id=%s owner=%s by=%s", record.id, record.owner_id, caller.key_id)
         return record
 
@@ -256,24 +273,54 @@ class KeyService:
         """Judge a presented secret: format, existence, revoked, expired, scopes, resource.
 
         With ``--verify-auth open`` the presented key is its own credential; with ``required``
-        the caller must also hold ``keys:verify``. A malformed secret costs no query.
+        the caller must also hold ``keys:verify``. A malformed secret costs no query, and a
+        cached key neither a query nor a suspension: the coroutine runs straight through.
         """
-        if self._verify_auth_required:
+        if self.verify_auth_required:
             require_scope(await self.authenticate(authorization), KEYS_VERIFY)
-        return await self._lookup(secret, required_scopes, resource)
+        verdict = await self._lookup(secret, required_scopes, resource)
+        self._verdicts[verdict.result].inc()
+        return verdict
+
+    async def watch_key_events(
+        self, heartbeat_interval: timedelta | None, *, authorization: str = ""
+    ) -> tuple[Subscription, timedelta]:
+        """Subscribe to key changes, under the same access rule as VerifyKey.
+
+        Events carry only key hashes, which tell nothing to anyone who does not already hold the
+        secret, so a caller allowed to verify keys may watch them. Returns the subscription and the
+        heartbeat interval it will keep.
+        """
+        interval = DEFAULT_HEARTBEAT if heartbeat_interval is None else heartbeat_interval
+        if not MIN_HEARTBEAT <= interval <= MAX_HEARTBEAT:
+            errors = Violations()
+            errors.add("heartbeat_interval", "must be between 1 and 60 seconds")
+            errors.raise_if_any()
+        if self.verify_auth_required:
+            require_scope(await self.authenticate(authorization), KEYS_VERIFY)
+        return self._events.subscribe(), interval
 
     async def _lookup(self, secret: str, required_scopes: Sequence[str], resource: str) -> Verification:
-        """The one verification path, shared by VerifyKey and caller authentication."""
-        errors = Violations()
-        required = check_scopes(required_scopes, errors, field="required_scopes")
-        if resource:
-            check_resource(resource, errors, "resource")
-        errors.raise_if_any()
-        if parse_key(secret) is None:
-            return Verification(VerifyResult.MALFORMED)
-        record = await self._store.find_by_hash(hash_key(secret))
+        """The one verification path, shared by VerifyKey and caller authentication.
+
+        Ordered for the common case: a cached key skips the format check, because only
+        well-formed secrets (ours) ever reach the cache. Anything else is checked for format
+        before any query, so malformed keys cost no database work.
+        """
+        required = _required(required_scopes, resource)
+        if len(secret) > MAX_KEY_LENGTH:  # refuse before hashing: no paying for megabyte "keys"
+            return _MALFORMED
+        secret_hash = hash_key(secret)
+        hit, record = self._cache.peek(secret_hash)
+        if not hit:
+            if parse_key(secret) is None:
+                return _MALFORMED
+            record = await self._cache.load(secret_hash)
+        return self._verdict_for(record, required, resource)
+
+    def _verdict_for(self, record: KeyRecord | None, required: Sequence[str], resource: str) -> Verification:
         if record is None:
-            return Verification(VerifyResult.NOT_FOUND)
+            return _NOT_FOUND
         now = utc_now()
         verdict = judge(record, required, resource, now)
         if verdict is VerifyResult.VALID:
@@ -281,6 +328,20 @@ class KeyService:
         return Verification(verdict, record)
 
 
+def _required(required_scopes: Sequence[str], resource: str) -> Sequence[str]:
+    """The validated required scopes (InvalidArgument names every bad field)."""
+    if not required_scopes and not resource:
+        return ()
+    errors = Violations()
+    required = check_scopes(required_scopes, errors, field="required_scopes")
+    if resource:
+        check_resource(resource, errors, "resource")
+    errors.raise_if_any()
+    return required
+
+
+_MALFORMED: Final = Verification(VerifyResult.MALFORMED)
+_NOT_FOUND: Final = Verification(VerifyResult.NOT_FOUND)
 _AUTH_FAILURES = {
     VerifyResult.MALFORMED: "CREDENTIALS_MALFORMED",
     VerifyResult.NOT_FOUND: "CREDENTIALS_UNKNOWN",
@@ -296,7 +357,7 @@ def judge(record: KeyRecord, required: Sequence[str], resource: str, now: dateti
         return VerifyResult.REVOKED
     if state is KeyState.EXPIRED:
         return VerifyResult.EXPIRED
-    if not all(scope_covers(record.scopes, scope) for scope in required):
+    if required and not all(scope_covers(record.scopes, scope) for scope in required):
         return VerifyResult.INSUFFICIENT_SCOPE
     if resource and record.resources and resource not in record.resources:
         return VerifyResult.FORBIDDEN_RESOURCE

@@ -30,6 +30,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+def _listen_address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError("must be HOST:PORT")
+    return text
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -105,6 +119,31 @@ OPTIONS: Final = (
         "seconds in-flight calls get to finish on shutdown",
         "SECONDS",
     ),
+    Option("workers", _positive_int, 1, "server processes sharing the port (SO_REUSEPORT)", "N"),
+    Option(
+        "cache_max_entries",
+        _non_negative_int,
+        100_000,
+        "keys the verification cache holds per process; 0 turns the cache off",
+        "N",
+    ),
+    Option(
+        "negative_cache_max_entries",
+        _non_negative_int,
+        10_000,
+        "unknown key hashes remembered per process; 0 remembers none",
+        "N",
+    ),
+    Option(
+        "max_staleness",
+        _positive_float,
+        30.0,
+        "oldest cached verdict ever served, whatever fails (server and client caches)",
+        "SECONDS",
+    ),
+    Option(
+        "metrics_listen", _listen_address, None, "host:port for Prometheus /metrics; unset: off", "HOST:PORT"
+    ),
     Option("log_level", _log_level, "INFO", "debug, info, warning or error", "LEVEL"),
     Option("verify_auth", _verify_auth, "open", "VerifyKey callers: open, or required (keys:verify)", "MODE"),
     Option(
@@ -135,6 +174,11 @@ class Settings:
     usage_flush_interval: float = 10.0
     health_check_interval: float = 2.0
     shutdown_grace: float = 10.0
+    workers: int = 1
+    cache_max_entries: int = 100_000
+    negative_cache_max_entries: int = 10_000
+    max_staleness: float = 30.0
+    metrics_listen: str | None = None
     log_level: str = "INFO"
     verify_auth: str = "open"
     admin_key: str | None = field(default=None, repr=False)
