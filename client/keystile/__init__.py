@@ -7,6 +7,7 @@ before any lookup.
 
 from __future__ import annotations
 
+from ._cache import CacheStats
 from ._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncClient, Client, create_key_request
 from ._errors import (
     DeadlineExceededError,
@@ -26,6 +27,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "KEY_PATTERN",
     "AsyncClient",
+    "CacheStats",
     "Client",
     "DeadlineExceededError",
     "InternalError",

@@ -1,11 +1,17 @@
 """Typed Python clients over the generated stubs: ``Client`` (blocking) and ``AsyncClient``.
 
 Both share the request builders below, apply a default deadline to every call, and raise the
-typed exceptions of ``keystile._errors`` instead of raw ``grpc.RpcError``.
+typed exceptions of ``keystile._errors`` instead of raw ``grpc.RpcError``. With ``cache=True``
+both keep a ``VerdictCache`` fed by a WatchKeyEvents subscription (a daemon thread for
+``Client``, a task for ``AsyncClient``) and answer repeated verifications without an RPC.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,11 +20,22 @@ from typing import Any, Final, Self, TypedDict, Unpack
 
 import grpc
 
+from ._cache import SILENCE_FACTOR, CacheStats, VerdictCache, apply_event
 from ._errors import from_rpc_error
 from .v1 import keys_pb2, keys_pb2_grpc
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
 DEFAULT_TIMEOUT: Final = 5.0
+DEFAULT_CACHE_ENTRIES: Final = 10_000
+DEFAULT_MAX_STALENESS: Final = 30.0
+WATCH_HEARTBEAT: Final = 2.0
+"""Heartbeat interval the caching clients ask for: a dead stream is noticed within 3x this."""
+_RETRY: Final = (0.1, 5.0)
+
+_log = logging.getLogger("keystile")
+_EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]
+_WATCH_REQUEST: Final = keys_pb2.WatchKeyEventsRequest()
+_WATCH_REQUEST.heartbeat_interval.FromTimedelta(timedelta(seconds=WATCH_HEARTBEAT))
 
 
 class CreateKeyOptions(TypedDict, total=False):
@@ -105,6 +122,11 @@ class Client:
 
     ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. ``tls=True`` (or any of
     ``tls_ca``, ``tls_cert``, ``tls_key``) connects over TLS; the key and cert enable mTLS.
+
+    ``cache=True`` answers repeated ``verify_key`` calls from memory while a WatchKeyEvents
+    stream is healthy, and from the server otherwise (docs/CACHING.md). Up to
+    ``cache_max_entries`` verdicts are kept, none older than ``max_staleness`` seconds (or the
+    server's bound, if smaller). Cached responses are shared objects: do not modify them.
     """
 
     def __init__(
@@ -118,6 +140,9 @@ class Client:
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         channel: grpc.Channel | None = None,
+        cache: bool = False,
+        cache_max_entries: int = DEFAULT_CACHE_ENTRIES,
+        max_staleness: float = DEFAULT_MAX_STALENESS,
     ) -> None:
         if channel is None:
             if _wants_tls(tls, tls_ca, tls_cert, tls_key):
@@ -129,9 +154,50 @@ class Client:
         self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
         self._metadata = _call_metadata(api_key)
         self.timeout = timeout
+        self._cache = (
+            VerdictCache(max_entries=cache_max_entries, max_staleness=max_staleness) if cache else None
+        )
+        self._closing = threading.Event()
+        self._watch_call: Any = None
+        self._watcher: threading.Thread | None = None
+        if self._cache is not None:
+            self._cache.on_silence = self._abandon_stream
+            self._watcher = threading.Thread(target=self._watch, name="keystile-watch", daemon=True)
+            self._watcher.start()
 
     def __repr__(self) -> str:
-        return f"<keystile.Client timeout={self.timeout}>"
+        return f"<keystile.Client timeout={self.timeout} cache={self._cache is not None}>"
+
+    def _watch(self) -> None:
+        """Keep a WatchKeyEvents subscription open, feeding the cache, until ``close()``."""
+        assert self._cache is not None
+        delay = _RETRY[0]
+        while not self._closing.is_set():
+            call: Any = self._stub.WatchKeyEvents(_WATCH_REQUEST, metadata=self._metadata)
+            self._watch_call = call
+            try:
+                for event in call:
+                    if not apply_event(self._cache, event):
+                        break
+                    delay = _RETRY[0]
+            except grpc.RpcError as exc:
+                _log.debug("key event stream ended: %s", exc.code())
+            except Exception:  # never let the watcher die: the cache would stay off for good
+                _log.warning("key event stream failed", exc_info=True)
+            finally:
+                self._cache.broken()
+                call.cancel()
+            self._closing.wait(delay)
+            delay = min(delay * 2, _RETRY[1])
+
+    def _abandon_stream(self) -> None:
+        call = self._watch_call
+        if call is not None:
+            call.cancel()
+
+    def cache_stats(self) -> CacheStats | None:
+        """The verdict cache's counters, or None without ``cache=True``."""
+        return self._cache.stats() if self._cache is not None else None
 
     def __enter__(self) -> Self:
         return self
@@ -142,8 +208,12 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        """Close the channel."""
+        """Stop the event subscription (if any) and close the channel."""
+        self._closing.set()
+        self._abandon_stream()
         self._channel.close()
+        if self._watcher is not None:
+            self._watcher.join(5)
 
     def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
         try:
@@ -213,13 +283,29 @@ class Client:
         timeout: float | None = None,
     ) -> keys_pb2.VerifyKeyResponse:
         """The verdict on a presented key; a refusal is a result code, not an exception."""
+        cache = self._cache
+        if cache is None:
+            return self._verify(key, required_scopes, resource, timeout)
+        cached, pending = cache.lookup(key, required_scopes, resource)
+        if cached is not None:
+            return cached
+        response = self._verify(key, pending.scopes, resource, timeout)
+        cache.store(pending, response)
+        return response
+
+    def _verify(
+        self, key: str, required_scopes: Iterable[str], resource: str, timeout: float | None
+    ) -> keys_pb2.VerifyKeyResponse:
         request = keys_pb2.VerifyKeyRequest(key=key, required_scopes=list(required_scopes), resource=resource)
         response: keys_pb2.VerifyKeyResponse = self._call(self._stub.VerifyKey, request, timeout)
         return response
 
 
 class AsyncClient:
-    """asyncio client for keystile.v1.KeyService; same options as ``Client``."""
+    """asyncio client for keystile.v1.KeyService; same options as ``Client``.
+
+    With ``cache=True`` the subscription task starts with the first ``verify_key`` call.
+    """
 
     def __init__(
         self,
@@ -232,6 +318,9 @@ class AsyncClient:
         tls_cert: PemSource | None = None,
         tls_key: PemSource | None = None,
         channel: grpc.aio.Channel | None = None,
+        cache: bool = False,
+        cache_max_entries: int = DEFAULT_CACHE_ENTRIES,
+        max_staleness: float = DEFAULT_MAX_STALENESS,
     ) -> None:
         if channel is None:
             if _wants_tls(tls, tls_ca, tls_cert, tls_key):
@@ -243,9 +332,40 @@ class AsyncClient:
         self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
         self._metadata = _call_metadata(api_key)
         self.timeout = timeout
+        self._cache = (
+            VerdictCache(max_entries=cache_max_entries, max_staleness=max_staleness) if cache else None
+        )
+        self._watcher: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
-        return f"<keystile.AsyncClient timeout={self.timeout}>"
+        return f"<keystile.AsyncClient timeout={self.timeout} cache={self._cache is not None}>"
+
+    async def _watch(self) -> None:
+        """Keep a WatchKeyEvents subscription open, feeding the cache, until cancelled."""
+        assert self._cache is not None
+        delay = _RETRY[0]
+        while True:
+            call: Any = self._stub.WatchKeyEvents(_WATCH_REQUEST, metadata=self._metadata)
+            try:
+                while True:
+                    # A stream silent for three heartbeats is abandoned, not trusted.
+                    event = await asyncio.wait_for(call.read(), SILENCE_FACTOR * WATCH_HEARTBEAT)
+                    if event is _EOF or not apply_event(self._cache, event):
+                        break
+                    delay = _RETRY[0]
+            except (grpc.RpcError, TimeoutError) as exc:
+                _log.debug("key event stream ended: %r", exc)
+            except Exception:  # never let the watcher die: the cache would stay off for good
+                _log.warning("key event stream failed", exc_info=True)
+            finally:
+                self._cache.broken()
+                call.cancel()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _RETRY[1])
+
+    def cache_stats(self) -> CacheStats | None:
+        """The verdict cache's counters, or None without ``cache=True``."""
+        return self._cache.stats() if self._cache is not None else None
 
     async def __aenter__(self) -> Self:
         return self
@@ -256,7 +376,11 @@ class AsyncClient:
         await self.close()
 
     async def close(self) -> None:
-        """Close the channel."""
+        """Stop the event subscription (if any) and close the channel."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watcher
         await self._channel.close(None)
 
     async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
@@ -330,6 +454,21 @@ class AsyncClient:
         timeout: float | None = None,
     ) -> keys_pb2.VerifyKeyResponse:
         """The verdict on a presented key; a refusal is a result code, not an exception."""
+        cache = self._cache
+        if cache is None:
+            return await self._verify(key, required_scopes, resource, timeout)
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="keystile-watch")
+        cached, pending = cache.lookup(key, required_scopes, resource)
+        if cached is not None:
+            return cached
+        response = await self._verify(key, pending.scopes, resource, timeout)
+        cache.store(pending, response)
+        return response
+
+    async def _verify(
+        self, key: str, required_scopes: Iterable[str], resource: str, timeout: float | None
+    ) -> keys_pb2.VerifyKeyResponse:
         request = keys_pb2.VerifyKeyRequest(key=key, required_scopes=list(required_scopes), resource=resource)
         response: keys_pb2.VerifyKeyResponse = await self._call(self._stub.VerifyKey, request, timeout)
         return response
