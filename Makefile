@@ -39,6 +39,10 @@ migrate: $(STAMP) ## apply database migrations (KEYSTILE_DATABASE_URL, or the em
 test: $(STAMP) ## run the whole test suite (embedded PostgreSQL, or KEYSTILE_TEST_DATABASE_URL)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+.PHONY: bench
+bench: $(STAMP) ## benchmark scenario (< 2 min): writes bench/results/latest.json and latest.png
+	$(BIN)/python bench/run.py
+
 $(BUF):
 	mkdir -p .tools
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)

