@@ -8,6 +8,7 @@ tests talk to them over real TCP channels with the public clients. ``ServeProces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import signal
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -199,6 +201,15 @@ def owner() -> str:
     return f"team-{uuid.uuid4().hex[:10]}"
 
 
+def postgres_for(pgdata: Path) -> list[psutil.Process]:
+    """The postgres processes serving ``pgdata``: an embedded server must not outlive keystile."""
+    found = []
+    for p in psutil.process_iter(["name", "cmdline"]):
+        if p.info["name"] == "postgres" and str(pgdata) in " ".join(p.info["cmdline"] or ()):
+            found.append(p)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -254,6 +265,24 @@ class ServeProcess:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
+        finally:
+            self._log.close()
+
+    def stop_insistently(self, sig: int = signal.SIGTERM, every: float = 0.002, timeout: float = 30) -> int:
+        """Send ``sig`` again and again until the process exits, as an impatient process manager does.
+
+        Repeats land in every phase of shutdown, including the last moments after the server
+        has stopped, where a default signal disposition would turn a clean exit into a kill.
+        """
+        deadline = time.monotonic() + timeout
+        try:
+            while self.proc.poll() is None:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(self.log())
+                with contextlib.suppress(ProcessLookupError):
+                    self.proc.send_signal(sig)
+                time.sleep(every)
+            return self.proc.returncode
         finally:
             self._log.close()
 

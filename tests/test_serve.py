@@ -10,10 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import psutil
 import psycopg
 import pytest
-from fix_server import ADMIN_KEY, BIN, ServeProcess, run_cli
+from fix_server import ADMIN_KEY, BIN, ServeProcess, postgres_for, run_cli
 
 import keystile
 
@@ -199,25 +198,17 @@ def test_sigterm_lets_in_flight_calls_finish(database_url: str, tmp_path: Path, 
     assert len(results) == 1 and results[0].revoke_reason == "late"  # type: ignore[attr-defined]
 
 
-def _postgres_for(pgdata: Path) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["name", "cmdline"]):
-        if p.info["name"] == "postgres" and str(pgdata) in " ".join(p.info["cmdline"] or ()):
-            found.append(p)
-    return found
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_embedded_database_survives_restart_and_stops_with_the_server(tmp_path: Path, sig: int) -> None:
     data_dir = tmp_path / "data"
     first = ServeProcess("--data-dir", str(data_dir), cwd=tmp_path, env={"KEYSTILE_DATABASE_URL": ""})
     first.wait_serving()
     pgdata = (data_dir / "pgdata").resolve()
-    assert _postgres_for(pgdata), "the embedded PostgreSQL should be running"
+    assert postgres_for(pgdata), "the embedded PostgreSQL should be running"
     with keystile.Client(first.address, api_key=ADMIN_KEY) as client:
         created = client.create_key("team-persist", "survivor")
     assert first.stop(sig) == 0, first.log()
-    assert not _postgres_for(pgdata), "the embedded PostgreSQL outlived the server"
+    assert not postgres_for(pgdata), "the embedded PostgreSQL outlived the server"
     assert first.proc.poll() == 0
 
     second = ServeProcess("--data-dir", str(data_dir), cwd=tmp_path, env={"KEYSTILE_DATABASE_URL": ""})
@@ -226,7 +217,17 @@ def test_embedded_database_survives_restart_and_stops_with_the_server(tmp_path: 
         assert client.verify_key(created.secret).result == keystile.VerifyResult.Value("VERIFY_RESULT_VALID")
         assert client.get_key(created.key.id).name == "survivor"
     assert second.stop() == 0, second.log()
-    assert not _postgres_for(pgdata)
+    assert not postgres_for(pgdata)
+
+
+def test_repeated_sigterm_during_shutdown_still_exits_cleanly(tmp_path: Path) -> None:
+    """Process managers repeat SIGTERM; none of the repeats may turn a clean stop into a kill."""
+    data_dir = tmp_path / "data"
+    served = ServeProcess("--data-dir", str(data_dir), cwd=tmp_path, env={"KEYSTILE_DATABASE_URL": ""})
+    served.wait_serving()
+    assert served.stop_insistently() == 0, served.log()
+    assert not postgres_for((data_dir / "pgdata").resolve()), "the embedded PostgreSQL outlived the server"
+    assert served.log().count("stopped") == 1
 
 
 def test_taken_port_fails_loudly(served: ServeProcess, tmp_path: Path, database_url: str) -> None:

@@ -16,7 +16,7 @@ import grpc
 import psutil
 import pytest
 from fix_db import Db
-from fix_server import ADMIN_KEY, ServeProcess, eventually, free_port, scrape_metrics
+from fix_server import ADMIN_KEY, ServeProcess, eventually, free_port, postgres_for, scrape_metrics
 
 import keystile
 from keystile import VerifyResult
@@ -129,6 +129,20 @@ def test_sigterm_drains_every_worker(make_database: Callable[[], str], tmp_path:
     assert served.log().count("stopped") == 3  # two workers and the supervisor
     with socket.socket() as probe:  # the port is free again
         probe.bind(("127.0.0.1", served.port))
+
+
+def test_repeated_sigterm_stops_workers_and_the_embedded_database(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    served = ServeProcess(
+        "--workers", "2", "--data-dir", str(data_dir), cwd=tmp_path, env={"KEYSTILE_DATABASE_URL": ""}
+    )
+    served.wait_serving()
+    eventually(lambda: served.log().count("ready: database connected") == 2, timeout=30)
+    workers = workers_of(served)
+    assert served.stop_insistently() == 0, served.log()
+    assert not any(worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE for worker in workers)
+    assert not postgres_for((data_dir / "pgdata").resolve()), "the embedded PostgreSQL outlived the server"
+    assert served.log().count("stopped") == 3  # two workers and the supervisor
 
 
 def test_workers_refuse_a_taken_port(

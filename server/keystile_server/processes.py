@@ -35,6 +35,7 @@ _log = logging.getLogger("keystile_server.supervisor")
 T = TypeVar("T")
 _RESTART_BACKOFF: Final = (0.5, 5.0)
 _EXTRA_STOP_WAIT: Final = 10.0
+STOP_SIGNALS: Final = (signal.SIGINT, signal.SIGTERM)
 
 
 def configure_logging(level: str) -> None:
@@ -54,6 +55,18 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(coro)
+
+
+def ignore_stop_signals() -> None:
+    """Ignore further SIGINT/SIGTERM: this process is already stopping and will exit by itself.
+
+    Process managers repeat SIGTERM. Python resets its own handlers to the default disposition
+    while the interpreter finalizes, so a repeat in those last moments would turn a clean stop
+    into a kill (status -15, reported as a failure) or, in the supervisor, leave the embedded
+    database running. An ignored signal stays ignored through finalization.
+    """
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def check_port_free(listen: str) -> str:
@@ -91,7 +104,8 @@ def serve_workers(settings: Settings) -> int:
         nonlocal stop
         stop = True
 
-    previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, request_stop)
     workers: dict[int, BaseProcess] = {}
     try:
         url = embedded.start() if embedded is not None else settings.database_url
@@ -134,6 +148,7 @@ def serve_workers(settings: Settings) -> int:
         _log.info("shutting down %d workers", len(workers))
         return 0
     finally:
+        ignore_stop_signals()
         for proc in workers.values():
             if proc.is_alive() and proc.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -145,8 +160,6 @@ def serve_workers(settings: Settings) -> int:
                 _log.error("worker pid %s did not stop in time; killing it", proc.pid)
                 proc.kill()
                 proc.join()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         if http_server is not None:
             http_server.shutdown()
             http_server.server_close()

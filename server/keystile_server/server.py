@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import gc
 import logging
-import signal
 from datetime import timedelta
 from typing import Any, Final
 
@@ -32,6 +31,7 @@ from .errors import StoreUnavailable
 from .handlers import KeyServiceHandlers
 from .metrics import ServerMetrics
 from .page_tokens import PageTokenCodec
+from .processes import STOP_SIGNALS, ignore_stop_signals
 from .service import CreatedKey, KeyService
 from .settings import Settings
 from .store import KeyStore, migrate
@@ -335,7 +335,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, serve_metrics: 
     server = KeystileServer(settings, reuse_port=reuse_port, serve_metrics=serve_metrics)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in STOP_SIGNALS:
         loop.add_signal_handler(sig, stop.set)
     # Start-up objects (modules, descriptors, the pool) live for good: once ready, keep them out
     # of the collector's generations so collections on the request path walk less.
@@ -348,3 +348,7 @@ async def serve(settings: Settings, *, reuse_port: bool = False, serve_metrics: 
     finally:
         freeze.cancel()
         await server.stop()
+        # Stopped; closing the loop would restore the default disposition for these.
+        for sig in STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+        ignore_stop_signals()
