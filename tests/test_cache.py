@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 import uuid
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -23,6 +26,7 @@ from keystile_server.metrics import ServerMetrics
 from keystile_server.store import KeyStore
 
 LOOKUPS = "keystile_db_queries_total{op=find_by_hashes}"
+HITS = "keystile_cache_lookups_total{outcome=hit}"
 VALID = VerifyResult.VERIFY_RESULT_VALID
 REVOKED = VerifyResult.VERIFY_RESULT_REVOKED
 NOT_FOUND = VerifyResult.VERIFY_RESULT_NOT_FOUND
@@ -35,12 +39,13 @@ def cache_db(module_db_url: str) -> Db:
 
 
 def new_key(
-    server: RunningServer, client: keystile.Client, owner: str
+    server: RunningServer, client: keystile.Client, owner: str, **options: Any
 ) -> keystile.v1.keys_pb2.CreateKeyResponse:
     """Create a key and wait for the server to hear of it: the insert's event evicts that hash,
     and a test counting lookups must not have it land after the key was first cached."""
     events = server.metrics()["keystile_key_events_total"]
-    created = client.create_key(owner, "cached", scopes=["jobs:read"])
+    options.setdefault("scopes", ["jobs:read"])
+    created = client.create_key(owner, "cached", **options)
     eventually(lambda: server.metrics()["keystile_key_events_total"] > events)
     return created
 
@@ -223,6 +228,58 @@ def test_no_entry_is_served_older_than_max_staleness(fresh: Callable[..., Runnin
             lambda: (client.verify_key(secret), server.metrics()[LOOKUPS] > before[LOOKUPS])[1], 3, 0.05
         )
         assert server.metrics()["keystile_cache_evictions_total{reason=expired}"] >= 1
+
+
+def test_a_cached_valid_verdict_ends_at_the_keys_expire_time(
+    fresh: Callable[..., RunningServer], owner: str
+) -> None:
+    """Cache hits reuse the verdict judged for the snapshot; that reuse must stop at expiry."""
+    server = fresh()
+    with server.client() as client:
+        created = new_key(server, client, owner, ttl=timedelta(seconds=3))
+        expire_time = created.key.expire_time.ToDatetime(tzinfo=UTC)
+        for _ in range(5):
+            assert client.verify_key(created.secret).result == VALID
+        before = server.metrics()
+        time.sleep(max(0.0, (expire_time - datetime.now(UTC)).total_seconds()) + 0.05)
+        response = client.verify_key(created.secret)
+        after = server.metrics()
+    assert response.result == VerifyResult.VERIFY_RESULT_EXPIRED
+    assert response.key.state == keystile.v1.keys_pb2.KEY_STATE_EXPIRED
+    assert after[LOOKUPS] == before[LOOKUPS], "judged again from the cached snapshot, not reloaded"
+    assert after[HITS] > before[HITS]
+
+
+def test_cached_verdicts_answer_each_scope_and_resource_request_on_its_own(
+    fresh: Callable[..., RunningServer], owner: str
+) -> None:
+    server = fresh()
+    cases = [
+        ([], "", VALID),
+        (["jobs:read"], "", VALID),
+        (["jobs:write"], "", VerifyResult.VERIFY_RESULT_INSUFFICIENT_SCOPE),
+        (["jobs:read"], "payroll", VerifyResult.VERIFY_RESULT_FORBIDDEN_RESOURCE),
+        ([], "invoices", VALID),
+        (["jobs:read", "jobs:write"], "invoices", VerifyResult.VERIFY_RESULT_INSUFFICIENT_SCOPE),
+    ]
+    with server.client() as client:
+        created = new_key(server, client, owner, resources=["invoices"])
+        client.verify_key(created.secret)
+        before = server.metrics()
+        for _ in range(3):  # the second and third rounds are answered from memoized verdicts
+            for scopes, resource, expected in cases:
+                response = client.verify_key(created.secret, required_scopes=scopes, resource=resource)
+                assert (response.result, response.key.id) == (expected, created.key.id), (scopes, resource)
+            with pytest.raises(keystile.InvalidArgumentError) as info:
+                client.verify_key(created.secret, required_scopes=["jobs:read", "BAD"])
+            assert "required_scopes[1]" in info.value.field_violations
+        after = server.metrics()
+    assert after[LOOKUPS] == before[LOOKUPS]
+    assert after[HITS] - before[HITS] >= 3 * len(cases)
+    verifications = sum(v for k, v in after.items() if k.startswith("keystile_verifications_total{")) - sum(
+        v for k, v in before.items() if k.startswith("keystile_verifications_total{")
+    )
+    assert verifications == 3 * len(cases), "refused requests are not verifications"
 
 
 def test_malformed_keys_cost_no_query_and_no_cache_entry(fresh: Callable[..., RunningServer]) -> None:

@@ -16,7 +16,7 @@ from google.protobuf import json_format, struct_pb2
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
 from .errors import StoreUnavailable, violation_error
-from .model import KeyRecord, KeyState, VerifyResult
+from .model import KeyRecord, KeyState, Verification, VerifyResult
 from .rpc_errors import translate_errors, translate_stream_errors
 from .service import KeyService, KeySpec, utc_now
 
@@ -26,7 +26,6 @@ _STATES = {
     KeyState.EXPIRED: keys_pb2.KEY_STATE_EXPIRED,
 }
 _RESULTS = {result: keys_pb2.VerifyResult.Value(f"VERIFY_RESULT_{result.name}") for result in VerifyResult}
-_BARE_RESPONSES = {result: keys_pb2.VerifyKeyResponse(result=code) for result, code in _RESULTS.items()}
 
 
 def key_to_proto(record: KeyRecord, now: datetime) -> keys_pb2.Key:
@@ -85,23 +84,23 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
 
     def __init__(self) -> None:
         self.service: KeyService | None = None
-        # VerifyKey answers for cached keys repeat: the same snapshot, the same result. Building
-        # the Key message costs more than the rest of a cache hit together, so each (snapshot,
-        # result) pair is built once and the message reused (gRPC only serializes it).
-        self._responses: dict[tuple[int, VerifyResult], tuple[KeyRecord, keys_pb2.VerifyKeyResponse]] = {}
+        # Serialized VerifyKey responses, by the identity of a reused verdict (see Verification):
+        # cached keys get the same verdict object call after call, so the Key message is built and
+        # serialized once per snapshot instead of on every call.
+        self._responses: dict[int, tuple[Verification, bytes]] = {}
 
-    def _verify_response(self, result: VerifyResult, record: KeyRecord | None) -> keys_pb2.VerifyKeyResponse:
-        if record is None:
-            return _BARE_RESPONSES[result]
-        memo_key = (id(record), result)
-        memo = self._responses.get(memo_key)
-        if memo is not None and memo[0] is record:  # the id is only trusted for the same object
-            return memo[1]
-        response = keys_pb2.VerifyKeyResponse(result=_RESULTS[result], key=key_to_proto(record, utc_now()))
-        if len(self._responses) >= _MAX_MEMO:
-            self._responses.clear()
-        self._responses[memo_key] = (record, response)
-        return response
+    def _verify_response(self, verdict: Verification) -> bytes:
+        if verdict.reused:
+            memo = self._responses.get(id(verdict))
+            if memo is not None and memo[0] is verdict:  # the id is only trusted for the same object
+                return memo[1]
+        key = key_to_proto(verdict.key, utc_now()) if verdict.key is not None else None
+        serialized = keys_pb2.VerifyKeyResponse(result=_RESULTS[verdict.result], key=key).SerializeToString()
+        if verdict.reused:
+            if len(self._responses) >= _MAX_MEMO:
+                self._responses.clear()
+            self._responses[id(verdict)] = (verdict, serialized)
+        return serialized
 
     def _service(self) -> KeyService:
         if self.service is None:
@@ -171,21 +170,26 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         return keys_pb2.RevokeKeyResponse(key=key_to_proto(record, utc_now()))
 
     @translate_errors
-    async def VerifyKey(
+    async def VerifyKey(  # type: ignore[override]  # answers serialized bytes: see add_to_server
         self,
         request: keys_pb2.VerifyKeyRequest,
-        context: grpc.aio.ServicerContext[keys_pb2.VerifyKeyRequest, keys_pb2.VerifyKeyResponse],
-    ) -> keys_pb2.VerifyKeyResponse:
-        """Judge a presented key; an invalid key is an answer, not an error."""
+        context: grpc.aio.ServicerContext[keys_pb2.VerifyKeyRequest, bytes],
+    ) -> bytes:
+        """Judge a presented key; an invalid key is an answer, not an error.
+
+        A cached key is answered without suspending; anything else takes the full path.
+        """
         service = self._service()
-        verdict = await service.verify_key(
-            request.key,
-            request.required_scopes,
-            request.resource,
-            # Metadata is only read when the mode needs a caller key.
-            authorization=_authorization(context) if service.verify_auth_required else "",
-        )
-        return self._verify_response(verdict.result, verdict.key)
+        verdict = service.verify_cached(request.key, request.required_scopes, request.resource)
+        if verdict is None:
+            verdict = await service.verify_key(
+                request.key,
+                request.required_scopes,
+                request.resource,
+                # Metadata is only read when the mode needs a caller key.
+                authorization=_authorization(context) if service.verify_auth_required else "",
+            )
+        return self._verify_response(verdict)
 
     @translate_stream_errors
     async def WatchKeyEvents(
@@ -216,3 +220,37 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
                     yield heartbeat
         finally:
             subscription.close()
+
+
+class _Registration:
+    """Stands in for the server while the generated code registers the service: keeps the table."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.table: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def add_generic_rpc_handlers(self, handlers: object) -> None:
+        """Ignored: add_to_server registers the edited table both ways."""
+
+    def add_registered_method_handlers(
+        self, service: str, table: dict[str, grpc.RpcMethodHandler[Any, Any]]
+    ) -> None:
+        self.service, self.table = service, table
+
+
+def add_to_server(servicer: KeyServiceHandlers, server: grpc.aio.Server) -> None:
+    """Register KeyService as generated, except that VerifyKey hands gRPC serialized bytes.
+
+    Most VerifyKey answers are memoized responses; passing their bytes (no response serializer)
+    skips serializing the same message again on every call.
+    """
+    registration = _Registration()
+    keys_pb2_grpc.add_KeyServiceServicer_to_server(servicer, registration)  # type: ignore[arg-type]
+    if "VerifyKey" not in registration.table:  # stubs from grpcio-tools < 1.62 only register generically
+        raise RuntimeError("keystile.v1 stubs are too old to register; regenerate them with `make proto`")
+    table = dict(registration.table)
+    table["VerifyKey"] = grpc.unary_unary_rpc_method_handler(
+        servicer.VerifyKey, request_deserializer=keys_pb2.VerifyKeyRequest.FromString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(registration.service, table),))
+    server.add_registered_method_handlers(registration.service, table)  # type: ignore[attr-defined]

@@ -100,9 +100,11 @@ class KeyPage:
 class Verification(NamedTuple):
     """The answer to VerifyKey: a result, and the key for every result but MALFORMED and NOT_FOUND.
 
-    A NamedTuple rather than a frozen dataclass: one is built per verification, and a tuple is
-    the cheapest immutable value Python makes.
+    ``reused`` marks a memoized verdict: while it holds, the service answers the same cached key
+    snapshot, scopes and resource with this very object, so a transport may memoize by identity
+    what it derives from it (a serialized response). Other verdicts are built per call.
     """
 
     result: VerifyResult
     key: KeyRecord | None = None
+    reused: bool = False

@@ -23,12 +23,12 @@ from psycopg import AsyncConnection
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from keystile.v1 import keys_pb2, keys_pb2_grpc
+from keystile.v1 import keys_pb2
 
 from .cache import VerificationCache
 from .embedded import EmbeddedPostgres
 from .errors import StoreUnavailable
-from .handlers import KeyServiceHandlers
+from .handlers import KeyServiceHandlers, add_to_server
 from .metrics import ServerMetrics
 from .page_tokens import PageTokenCodec
 from .processes import STOP_SIGNALS, ignore_stop_signals
@@ -160,7 +160,7 @@ class KeystileServer:
         # so_reuseport off unless we are one of --workers: a second server on a taken port must
         # fail loudly, not share it silently.
         server = grpc.aio.server(options=[("grpc.so_reuseport", int(self._reuse_port))])
-        keys_pb2_grpc.add_KeyServiceServicer_to_server(self._handlers, server)
+        add_to_server(self._handlers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
             [KEY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import math
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +64,10 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
+def _utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, UTC)
+
+
 @dataclass(frozen=True, slots=True)
 class KeySpec:
     """What a CreateKey caller asked for, before validation."""
@@ -113,6 +119,9 @@ class KeyService:
         self._default_prefix = default_prefix
         self._page_tokens = page_tokens
         self._usage = usage
+        # Verdicts of cached snapshots, by snapshot identity (and scopes and resource), with the
+        # POSIX time they hold until: see _verdict_for.
+        self._memo: dict[object, tuple[KeyRecord, Verification, float]] = {}
         self.verify_auth_required = verify_auth == "required"
         self.max_staleness = max_staleness
         # Kept only as a digest: compared in constant time, and never printable from this object.
@@ -300,6 +309,24 @@ class KeyService:
             require_scope(await self.authenticate(authorization), KEYS_VERIFY)
         return self._events.subscribe(), interval
 
+    def verify_cached(
+        self, secret: str, required_scopes: Sequence[str], resource: str
+    ) -> Verification | None:
+        """``verify_key`` for a key the cache holds, without suspending; None when that cannot be.
+
+        A cache hit is the common case, so it runs as plain calls, not coroutines, and costs a
+        hash, two dict lookups and a clock read: everything else is memoized per snapshot. None
+        (use ``verify_key``) when the key is not cached or the caller must authenticate first.
+        """
+        if self.verify_auth_required or len(secret) > MAX_KEY_LENGTH:
+            return None
+        hit, record = self._cache.peek(hash_key(secret))
+        if not hit:
+            return None
+        verdict = self._verdict_for(record, required_scopes, resource, memoize=True)
+        self._verdicts[verdict.result].inc()
+        return verdict
+
     async def _lookup(self, secret: str, required_scopes: Sequence[str], resource: str) -> Verification:
         """The one verification path, shared by VerifyKey and caller authentication.
 
@@ -307,7 +334,7 @@ class KeyService:
         well-formed secrets (ours) ever reach the cache. Anything else is checked for format
         before any query, so malformed keys cost no database work.
         """
-        required = _required(required_scopes, resource)
+        _required(required_scopes, resource)  # bad input is refused before any lookup
         if len(secret) > MAX_KEY_LENGTH:  # refuse before hashing: no paying for megabyte "keys"
             return _MALFORMED
         secret_hash = hash_key(secret)
@@ -316,16 +343,40 @@ class KeyService:
             if parse_key(secret) is None:
                 return _MALFORMED
             record = await self._cache.load(secret_hash)
-        return self._verdict_for(record, required, resource)
+        return self._verdict_for(record, required_scopes, resource, memoize=hit)
 
-    def _verdict_for(self, record: KeyRecord | None, required: Sequence[str], resource: str) -> Verification:
+    def _verdict_for(
+        self, record: KeyRecord | None, required_scopes: Sequence[str], resource: str, *, memoize: bool
+    ) -> Verification:
+        """Judge a snapshot, reusing the verdict already judged for it while that still holds.
+
+        Only cached snapshots are memoized (``memoize``): a snapshot loaded without being cached
+        is never seen again, and memoizing it would only pin it in memory. The memo is keyed by
+        the snapshot's identity (kept alive by the memo, so the id is not reused) and holds only
+        inputs that passed validation, so a memo hit needs no validation.
+        """
         if record is None:
+            _required(required_scopes, resource)
             return _NOT_FOUND
-        now = utc_now()
-        verdict = judge(record, required, resource, now)
-        if verdict is VerifyResult.VALID:
+        now = time.time()
+        memo_key: object = (
+            id(record)
+            if not required_scopes and not resource
+            else (id(record), tuple(required_scopes), resource)
+        )
+        memo = self._memo.get(memo_key)
+        if memo is not None and memo[0] is record and now < memo[2]:
+            verdict = memo[1]
+        else:
+            result = judge(record, _required(required_scopes, resource), resource, _utc(now))
+            verdict = Verification(result, record, memoize)
+            if memoize:
+                if len(self._memo) >= _MAX_MEMO:
+                    self._memo.clear()
+                self._memo[memo_key] = (record, verdict, holds_until(record, result))
+        if verdict.result is VerifyResult.VALID:
             self._usage.record(record.id, now)
-        return Verification(verdict, record)
+        return verdict
 
 
 def _required(required_scopes: Sequence[str], resource: str) -> Sequence[str]:
@@ -340,14 +391,27 @@ def _required(required_scopes: Sequence[str], resource: str) -> Sequence[str]:
     return required
 
 
-_MALFORMED: Final = Verification(VerifyResult.MALFORMED)
-_NOT_FOUND: Final = Verification(VerifyResult.NOT_FOUND)
+_MALFORMED: Final = Verification(VerifyResult.MALFORMED, None, True)
+_NOT_FOUND: Final = Verification(VerifyResult.NOT_FOUND, None, True)
+_MAX_MEMO: Final = 50_000
 _AUTH_FAILURES = {
     VerifyResult.MALFORMED: "CREDENTIALS_MALFORMED",
     VerifyResult.NOT_FOUND: "CREDENTIALS_UNKNOWN",
     VerifyResult.REVOKED: "CREDENTIALS_REVOKED",
     VerifyResult.EXPIRED: "CREDENTIALS_EXPIRED",
 }
+
+
+def holds_until(record: KeyRecord, result: VerifyResult) -> float:
+    """Until when (POSIX seconds) ``judge`` keeps giving ``result`` for this snapshot.
+
+    ``judge`` reads the clock only to compare it with expire_time: REVOKED and EXPIRED are final
+    for a snapshot, and every other verdict turns EXPIRED once expire_time has passed. Keep this
+    next to ``judge`` and in step with it.
+    """
+    if result is VerifyResult.REVOKED or result is VerifyResult.EXPIRED or record.expire_time is None:
+        return math.inf
+    return record.expire_time.timestamp()
 
 
 def judge(record: KeyRecord, required: Sequence[str], resource: str, now: datetime) -> VerifyResult:
