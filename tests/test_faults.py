@@ -99,5 +99,10 @@ def test_unexpected_database_errors_are_generic_internal(
         assert info.value.message == "internal error"
         assert info.value.reason == "INTERNAL_ERROR" and info.value.domain == "keystile.dev"
         assert "name" not in info.value.message and "column" not in str(info.value)
+        # VerifyKey translates its errors inline (not through the decorator): the same answer.
+        with running.client() as client, pytest.raises(keystile.InternalError) as info:
+            client.verify_key(keystile.generate_key("ks"))
+        assert (info.value.message, info.value.reason) == ("internal error", "INTERNAL_ERROR")
+        assert "column" not in str(info.value)
     finally:
         running.stop()

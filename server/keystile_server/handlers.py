@@ -17,7 +17,7 @@ from keystile.v1 import keys_pb2, keys_pb2_grpc
 
 from .errors import StoreUnavailable, violation_error
 from .model import KeyRecord, KeyState, Verification, VerifyResult
-from .rpc_errors import translate_errors, translate_stream_errors
+from .rpc_errors import abort_for, translate_errors, translate_stream_errors
 from .service import KeyService, KeySpec, utc_now
 
 _STATES = {
@@ -169,7 +169,6 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         )
         return keys_pb2.RevokeKeyResponse(key=key_to_proto(record, utc_now()))
 
-    @translate_errors
     async def VerifyKey(  # type: ignore[override]  # answers serialized bytes: see add_to_server
         self,
         request: keys_pb2.VerifyKeyRequest,
@@ -177,19 +176,24 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
     ) -> bytes:
         """Judge a presented key; an invalid key is an answer, not an error.
 
-        A cached key is answered without suspending; anything else takes the full path.
+        A cached key is answered without suspending; anything else takes the full path. Errors
+        are translated inline rather than by ``translate_errors``, whose extra coroutine per call
+        is a measurable share of a cache hit.
         """
-        service = self._service()
-        verdict = service.verify_cached(request.key, request.required_scopes, request.resource)
-        if verdict is None:
-            verdict = await service.verify_key(
-                request.key,
-                request.required_scopes,
-                request.resource,
-                # Metadata is only read when the mode needs a caller key.
-                authorization=_authorization(context) if service.verify_auth_required else "",
-            )
-        return self._verify_response(verdict)
+        try:
+            service = self._service()
+            verdict = service.verify_cached(request.key, request.required_scopes, request.resource)
+            if verdict is None:
+                verdict = await service.verify_key(
+                    request.key,
+                    request.required_scopes,
+                    request.resource,
+                    # Metadata is only read when the mode needs a caller key.
+                    authorization=_authorization(context) if service.verify_auth_required else "",
+                )
+            return self._verify_response(verdict)
+        except Exception as exc:
+            await abort_for("VerifyKey", exc, context)
 
     @translate_stream_errors
     async def WatchKeyEvents(

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Final, TypeVar
+from typing import Final, NoReturn, TypeVar
 
 import grpc
 from google.protobuf import any_pb2
@@ -85,14 +85,19 @@ Method = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[R
 StreamMethod = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]
 
 
-async def _abort(name: str, exc: Exception, context: grpc.aio.ServicerContext[Req, Resp]) -> None:
-    """End the call with the status for ``exc``; anything unexpected is logged with its traceback."""
+async def abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContext[Req, Resp]) -> NoReturn:
+    """End the call with the status for ``exc``; anything unexpected is logged with its traceback.
+
+    The decorators below call this; a method that cannot afford their extra coroutine (VerifyKey)
+    calls it from its own ``except Exception``, so every error still leaves the same way.
+    """
     if isinstance(exc, KeystileError):
         if isinstance(exc, StoreUnavailable | EventsUnavailable):
             _log.warning("%s: %s", name, exc.message)
         await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
     _log.error("unexpected error in %s", name, exc_info=exc)
     await context.abort_with_status(to_status(Exception()))  # type: ignore[attr-defined]
+    raise AssertionError("unreachable: abort_with_status raises")
 
 
 def translate_errors(method: Method[Self_, Req, Resp]) -> Method[Self_, Req, Resp]:
@@ -103,8 +108,7 @@ def translate_errors(method: Method[Self_, Req, Resp]) -> Method[Self_, Req, Res
         try:
             return await method(self, request, context)
         except Exception as exc:
-            await _abort(method.__name__, exc, context)
-        raise AssertionError("unreachable: abort_with_status raises")
+            await abort_for(method.__name__, exc, context)
 
     return wrapper
 
@@ -120,6 +124,6 @@ def translate_stream_errors(method: StreamMethod[Self_, Req, Resp]) -> StreamMet
             async for response in method(self, request, context):
                 yield response
         except Exception as exc:
-            await _abort(method.__name__, exc, context)
+            await abort_for(method.__name__, exc, context)
 
     return wrapper
