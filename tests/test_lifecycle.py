@@ -6,7 +6,7 @@ import base64
 import threading
 import time
 import uuid
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta, timezone
 
 import grpc
 import pytest
@@ -196,3 +196,26 @@ def test_revoke_bad_reason_changes_nothing(client: keystile.Client, owner: str, 
     assert db.snapshot() == before
     assert client.get_key(key.id).state == keys_pb2.KEY_STATE_ACTIVE
     assert client.revoke_key(key.id, reason="r" * 500).revoke_reason == "r" * 500
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(1970, 1, 1, tzinfo=UTC),
+        datetime(2026, 11, 22, 9, 0, 0, 123456, tzinfo=UTC),
+        datetime(1, 1, 1, tzinfo=UTC),
+        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 1, 1, 3, 0, tzinfo=timezone(timedelta(hours=5, minutes=30))),
+    ],
+)
+def test_key_timestamps_match_protobufs_own_conversion(value: datetime) -> None:
+    """Responses set Timestamps with a fast path of our own; it must agree with FromDatetime."""
+    from google.protobuf import timestamp_pb2
+
+    from keystile_server.handlers import _set_timestamp
+
+    expected, ours = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
+    expected.FromDatetime(value)
+    _set_timestamp(ours, value)
+    assert (ours.seconds, ours.nanos) == (expected.seconds, expected.nanos)

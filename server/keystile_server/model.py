@@ -19,6 +19,10 @@ class KeyState(enum.Enum):
     REVOKED = "revoked"
     EXPIRED = "expired"
 
+    # Members are singletons compared by identity; hashing them by identity too skips Enum's
+    # Python-level __hash__, which showed up in profiles of dict lookups on the verify path.
+    __hash__ = object.__hash__
+
 
 class VerifyResult(enum.Enum):
     """The verdict on a presented secret, in the order the checks run."""
@@ -31,6 +35,8 @@ class VerifyResult(enum.Enum):
     INSUFFICIENT_SCOPE = "insufficient_scope"
     FORBIDDEN_RESOURCE = "forbidden_resource"
     RATE_LIMITED = "rate_limited"
+
+    __hash__ = object.__hash__  # as KeyState's
 
 
 @dataclass(frozen=True, slots=True)
