@@ -160,12 +160,15 @@ class VerificationCache:
             future.add_done_callback(_consume)
             self._inflight[secret_hash] = future
             self._queue.append((secret_hash, future))
-            if not self._dispatch_scheduled:
-                # Let every coroutine runnable in this loop turn join the batch before it leaves.
-                self._dispatch_scheduled = True
-                asyncio.get_running_loop().call_soon(self._dispatch)
+            self._schedule_dispatch()
         # Shielded: one caller giving up must not cancel the load the others are waiting on.
         return asyncio.shield(future)
+
+    def _schedule_dispatch(self) -> None:
+        """Dispatch on the next loop turn: every coroutine runnable in this one joins the batch."""
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
@@ -204,7 +207,9 @@ class VerificationCache:
         finally:
             self._loads_running -= 1
             if self._queue:
-                self._dispatch()
+                # Not at once: first let the callers just answered finish and the loop read
+                # the requests that arrived meanwhile, so that their misses leave in this batch.
+                self._schedule_dispatch()
 
     def _settle(self, secret_hash: bytes, future: asyncio.Future[KeyRecord | None]) -> None:
         if self._inflight.get(secret_hash) is future:
