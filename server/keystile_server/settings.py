@@ -108,7 +108,7 @@ OPTIONS: Final = (
     Option("pool_max_size", _positive_int, 10, "most database connections at once", "N"),
     Option("db_timeout", _positive_float, 5.0, "seconds to wait for a database connection", "SECONDS"),
     Option("default_prefix", _prefix, "ks", "type prefix of new secrets when CreateKey names none", "PREFIX"),
-    Option("usage_flush_interval", _positive_float, 10.0, "seconds between last_used_time writes", "SECONDS"),
+    Option("usage_flush_interval", _positive_float, 1.0, "seconds between last_used_time writes", "SECONDS"),
     Option(
         "health_check_interval", _positive_float, 2.0, "seconds between database health probes", "SECONDS"
     ),
@@ -171,7 +171,7 @@ class Settings:
     pool_max_size: int = 10
     db_timeout: float = 5.0
     default_prefix: str = "ks"
-    usage_flush_interval: float = 10.0
+    usage_flush_interval: float = 1.0
     health_check_interval: float = 2.0
     shutdown_grace: float = 10.0
     workers: int = 1
