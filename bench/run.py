@@ -393,6 +393,10 @@ def main() -> int:
         run_async(migrate(url))
         log(f"seeding {SEED_KEYS:,} keys")
         keys = seed(url, SEED_KEYS, owner="bench", scopes=["bench:verify"])
+        # As pgbench does: vacuum before measuring, so that autovacuum (woken by the seeding)
+        # does not run on CPU 0 in the middle of a phase.
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("VACUUM (ANALYZE) keystile.keys")
         hot = keys[:100]
         cache_on = Served(url, "server-cached")
         cache_off = Served(url, "server-uncached", "--cache-max-entries", "0")

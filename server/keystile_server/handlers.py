@@ -198,7 +198,9 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         is a measurable share of a cache hit.
         """
         try:
-            service = self._service()
+            service = self.service
+            if service is None:
+                raise StoreUnavailable()
             verdict = service.verify_cached(request.key, request.required_scopes, request.resource)
             if verdict is None:
                 verdict = await service.verify_key(

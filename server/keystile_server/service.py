@@ -30,11 +30,11 @@ from .auth import (
 )
 from .cache import VerificationCache
 from .errors import AdminKeyExists, KeyNotFound, Unauthenticated
-from .metrics import ServerMetrics
+from .metrics import HotCounter, ServerMetrics
 from .model import KeyPage, KeyRecord, KeyState, NewKey, PageCursor, Verification, VerifyResult
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
-from .usage import UsageRecorder
+from .usage import MIN_WRITE_INTERVAL, UsageRecorder
 from .validation import (
     Violations,
     check_key_id,
@@ -121,7 +121,7 @@ class KeyService:
         self._usage = usage
         # Verdicts of cached snapshots, by snapshot identity (and scopes and resource), with the
         # POSIX time they hold until: see _verdict_for.
-        self._memo: dict[object, tuple[KeyRecord, Verification, float]] = {}
+        self._memo: dict[object, _Memo] = {}
         self.verify_auth_required = verify_auth == "required"
         self.max_staleness = max_staleness
         # Kept only as a digest: compared in constant time, and never printable from this object.
@@ -330,12 +330,13 @@ class KeyService:
         if required_scopes or resource:
             memo_key = (memo_key, tuple(required_scopes), resource)
         memo = self._memo.get(memo_key)
-        if memo is not None and memo[0] is record and now < memo[2]:
-            verdict = memo[1]
-            if verdict.result is VerifyResult.VALID:
-                self._usage.record(memo[0].id, now)
-        else:
-            verdict = self._verdict_for(record, required_scopes, resource, now, memo_key)
+        if memo is not None and memo.record is record and now < memo.until:
+            if now >= memo.next_use:  # a use is worth noting at most once a minute (usage.py)
+                memo.next_use = now + MIN_WRITE_INTERVAL
+                self._usage.record(record.id, now)
+            memo.counter.inc()
+            return memo.verdict
+        verdict = self._verdict_for(record, required_scopes, resource, now, memo_key)
         self._verdicts[verdict.result].inc()
         return verdict
 
@@ -378,13 +379,35 @@ class KeyService:
             return _NOT_FOUND
         result = judge(record, _required(required_scopes, resource), resource, _utc(now))
         verdict = Verification(result, record, memo_key is not None)
+        valid = result is VerifyResult.VALID
+        if valid:
+            self._usage.record(record.id, now)
         if memo_key is not None:
             if len(self._memo) >= _MAX_MEMO:
                 self._memo.clear()
-            self._memo[memo_key] = (record, verdict, holds_until(record, result))
-        if result is VerifyResult.VALID:
-            self._usage.record(record.id, now)
+            self._memo[memo_key] = _Memo(
+                record,
+                verdict,
+                holds_until(record, result),
+                self._verdicts[result],
+                now + MIN_WRITE_INTERVAL if valid else math.inf,
+            )
         return verdict
+
+
+@dataclass(slots=True)
+class _Memo:
+    """A verdict judged for one cached snapshot (with scopes and resource), as verify_cached reuses it.
+
+    Beside the verdict: until when it holds, its result's counter, and when a use of the key is
+    next worth noting (usage writes a key at most once a minute, so the notes between are skipped).
+    """
+
+    record: KeyRecord
+    verdict: Verification
+    until: float
+    counter: HotCounter
+    next_use: float
 
 
 def _required(required_scopes: Sequence[str], resource: str) -> Sequence[str]:
