@@ -4,8 +4,9 @@ Starts an embedded PostgreSQL and keystile servers on it, seeds keys, and measur
 ``keystile bench``'s load generator:
 
 1. VerifyKey cache hits against a no-op baseline (the health Check RPC on the same server), at
-   16 and 64 calls in flight, in interleaved rounds (the machine drifts between time windows,
-   so only ratios measured side by side are quoted);
+   16 and 64 calls in flight: each hit phase runs between two no-op phases and is compared with
+   their mean (the machine drifts between time windows, so only ratios measured side by side
+   are quoted), and the median over the rounds is reported;
 2. the miss path (a server with ``--cache-max-entries 0``: every call reads PostgreSQL through
    the coalesced lookup) against that server's own no-op baseline;
 3. database statements per VerifyKey in steady state, and that malformed keys cost none
