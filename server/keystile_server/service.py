@@ -282,11 +282,14 @@ class KeyService:
         """Judge a presented secret: format, existence, revoked, expired, scopes, resource.
 
         With ``--verify-auth open`` the presented key is its own credential; with ``required``
-        the caller must also hold ``keys:verify``. A malformed secret costs no query, and a
-        cached key neither a query nor a suspension: the coroutine runs straight through.
+        the caller must also hold ``keys:verify``, and once it does, a cached key is answered as
+        ``verify_cached`` answers it. A malformed secret costs no query.
         """
         if self.verify_auth_required:
             require_scope(await self.authenticate(authorization), KEYS_VERIFY)
+            cached = self.verify_cached(secret, required_scopes, resource, caller_authorized=True)
+            if cached is not None:
+                return cached
         verdict = await self._lookup(secret, required_scopes, resource)
         self._verdicts[verdict.result].inc()
         return verdict
@@ -310,7 +313,7 @@ class KeyService:
         return self._events.subscribe(), interval
 
     def verify_cached(
-        self, secret: str, required_scopes: Sequence[str], resource: str
+        self, secret: str, required_scopes: Sequence[str], resource: str, *, caller_authorized: bool = False
     ) -> Verification | None:
         """``verify_key`` for a key the cache holds, without suspending; None when that cannot be.
 
@@ -318,9 +321,10 @@ class KeyService:
         function: a verdict already judged for this snapshot, scopes and resource is reused while
         it holds (see ``_verdict_for``). Measured on the real server, each further call or
         coroutine on this path showed up in calls/s. None (use ``verify_key``) when the key is
-        not cached or the caller must authenticate first.
+        not cached, or when ``--verify-auth required`` and only ``verify_key``, having checked
+        the caller, may pass ``caller_authorized``.
         """
-        if self.verify_auth_required or len(secret) > MAX_KEY_LENGTH:
+        if (self.verify_auth_required and not caller_authorized) or len(secret) > MAX_KEY_LENGTH:
             return None
         hit, record = self._cache.peek(hash_key(secret))
         if not hit:
