@@ -363,7 +363,7 @@ def plot(phases: list[dict[str, Any]], revocation: dict[str, Any], path: Path) -
             range(len(percentiles)),
             [result.percentile_ms(p) for p in percentiles],
             marker="o",
-            label=f"{item['name'].removesuffix(' r2')} c{item['concurrency']}",
+            label=f"{item['name'].rsplit(' r', 1)[0]} c{item['concurrency']}",
         )
     left.set_xticks(range(len(percentiles)), [f"p{p:g}" for p in percentiles])
     left.set_ylabel("latency (ms)")

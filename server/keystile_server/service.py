@@ -340,7 +340,8 @@ class KeyService:
                 self._usage.record(record.id, now)
             memo.counter.inc()
             return memo.verdict
-        verdict = self._verdict_for(record, required_scopes, resource, now, memo_key)
+        # Validated here, before anything is stored: a memo hit then needs no validation.
+        verdict = self._verdict_for(record, _required(required_scopes, resource), resource, now, memo_key)
         self._verdicts[verdict.result].inc()
         return verdict
 
@@ -351,7 +352,7 @@ class KeyService:
         well-formed secrets (ours) ever reach the cache. Anything else is checked for format
         before any query, so malformed keys cost no database work.
         """
-        _required(required_scopes, resource)  # bad input is refused before any lookup
+        required = _required(required_scopes, resource)  # bad input is refused before any lookup
         if len(secret) > MAX_KEY_LENGTH:  # refuse before hashing: no paying for megabyte "keys"
             return _MALFORMED
         secret_hash = hash_key(secret)
@@ -360,28 +361,27 @@ class KeyService:
             if parse_key(secret) is None:
                 return _MALFORMED
             record = await self._cache.load(secret_hash)
-        return self._verdict_for(record, required_scopes, resource, time.time())
+        return self._verdict_for(record, required, resource, time.time())
 
     def _verdict_for(
         self,
         record: KeyRecord | None,
-        required_scopes: Sequence[str],
+        required: Sequence[str],
         resource: str,
         now: float,
         memo_key: object = None,
     ) -> Verification:
         """Judge a snapshot at ``now`` (POSIX seconds) and, given a ``memo_key``, memoize the verdict.
 
-        Only cached snapshots are memoized (``verify_cached`` passes the key): a snapshot loaded
-        without being cached is never seen again, and memoizing it would only pin it in memory.
-        The memo is keyed by the snapshot's identity (the memo keeps the snapshot alive, so the id
-        is not reused) with the scopes and resource, holds only inputs that passed validation, so
-        a memo hit needs no validation, and each verdict only until ``holds_until``.
+        ``required`` and ``resource`` have passed validation. Only cached snapshots are memoized
+        (``verify_cached`` passes the key): a snapshot loaded without being cached is never seen
+        again, and memoizing it would only pin it in memory. The memo is keyed by the snapshot's
+        identity (the memo keeps the snapshot alive, so the id is not reused) with the scopes and
+        resource as presented, and each verdict holds only until ``holds_until``.
         """
         if record is None:
-            _required(required_scopes, resource)
             return _NOT_FOUND
-        result = judge(record, _required(required_scopes, resource), resource, _utc(now))
+        result = judge(record, required, resource, _utc(now))
         verdict = Verification(result, record, memo_key is not None)
         valid = result is VerifyResult.VALID
         if valid:
