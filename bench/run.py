@@ -38,6 +38,7 @@ import time
 import tracemalloc
 import urllib.request
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -217,17 +218,35 @@ def seed(url: str, count: int, *, owner: str, scopes: list[str]) -> list[str]:
 
 
 def fill_table(url: str, rows: int) -> float:
-    """Pad the table with ``rows`` keys nobody holds (hashes of counters), then ANALYZE."""
+    """Pad the table with ``rows`` keys nobody holds (hashes of counters), then ANALYZE and CHECKPOINT.
+
+    Nothing is measured meanwhile, so the fill runs as two INSERTs at once with their backends
+    allowed on both CPUs: about twice as fast as one, which keeps ``make bench`` under two
+    minutes on a slow machine (one INSERT of 1M rows took 22-42 s here). Rows arrive in random
+    hash order, as real keys do, so the index has the shape of a real one. The checkpoint keeps
+    the writing-out of the fill from landing in the measurement that follows.
+    """
     started = time.monotonic()
+
+    def insert(first: int, last: int) -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            backend = conn.execute("SELECT pg_backend_pid()").fetchone()
+            assert backend is not None
+            os.sched_setaffinity(backend[0], SERVER_CPU | LOAD_CPU)
+            conn.execute(
+                """INSERT INTO keystile.keys (id, owner_id, name, prefix, secret_hash, secret_hint)
+                   SELECT gen_random_uuid(), 'filler-' || (i %% 1000), 'filler', 'ks',
+                          sha256(('filler' || i)::bytea), 'ks_filler'
+                     FROM generate_series(%s, %s) AS i""",
+                (first, last),
+            )
+
+    half = rows // 2
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(insert, (1, half + 1), (half, rows)))
     with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(
-            """INSERT INTO keystile.keys (id, owner_id, name, prefix, secret_hash, secret_hint)
-               SELECT gen_random_uuid(), 'filler-' || (i %% 1000), 'filler', 'ks',
-                      sha256(('filler' || i)::bytea), 'ks_filler'
-                 FROM generate_series(1, %s) AS i""",
-            (rows,),
-        )
         conn.execute("ANALYZE keystile.keys")
+        conn.execute("CHECKPOINT")
     return time.monotonic() - started
 
 
