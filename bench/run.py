@@ -14,7 +14,9 @@ Starts an embedded PostgreSQL and keystile servers on it, seeds keys, and measur
 4. revocation propagation: RevokeKey returning until all 3 worker processes and 2 caching
    clients refuse the key, over 200 revocations;
 5. the caching client's in-process verifications per second on one core;
-6. miss-path latency with 10,000 and with 1,000,000 keys in the table, and cache memory per entry.
+6. miss-path latency at 1 in flight with 10,000 and with 1,000,000 keys in the table (a second
+   database holding the same keys plus filler, served by its own uncached server, measured
+   alternately with the first), and cache memory per entry.
 
 Servers and PostgreSQL are pinned to CPU 0 and the load to CPU 1 (on a 2-core machine), as
 PERF-NOTES recommends. Results go to bench/results/latest.json and latest.png, and a table is
