@@ -271,7 +271,7 @@ def fill_table(url: str, rows: int) -> float:
 
     Nothing is measured meanwhile, so the fill runs as two INSERTs at once with their backends
     allowed on both CPUs, which keeps ``make bench`` under two minutes on a slow machine (one
-    INSERT of 1M random rows took 22-42 s here; this takes 11-17 s). Ids ascend and each owner's
+    INSERT of 1M random rows took 22-42 s here; all of this now takes 13-17 s). Ids ascend and each owner's
     keys are contiguous, as when ids are time-ordered and keys are made in bursts; the hashes,
     which the miss path looks up, arrive in random order as real ones do, so that index has the
     shape of a real one. The checkpoint keeps the writing-out of the fill from landing in the
