@@ -271,11 +271,11 @@ def fill_table(url: str, rows: int) -> float:
 
     Nothing is measured meanwhile, so the fill runs as two INSERTs at once with their backends
     allowed on both CPUs, which keeps ``make bench`` under two minutes on a slow machine (one
-    INSERT of 1M random rows took 22-42 s here; all of this now takes 13-17 s). Ids ascend and each owner's
-    keys are contiguous, as when ids are time-ordered and keys are made in bursts; the hashes,
-    which the miss path looks up, arrive in random order as real ones do, so that index has the
-    shape of a real one. The checkpoint keeps the writing-out of the fill from landing in the
-    measurement that follows.
+    INSERT of 1M random rows took 22-42 s here; all of this now takes 13-17 s). Ids ascend and
+    each owner's keys are contiguous, as when ids are time-ordered and keys are made in bursts;
+    the hashes, which the miss path looks up, arrive in random order as real ones do, so that
+    index has the shape of a real one. The checkpoint keeps the writing-out of the fill from
+    landing in the measurement that follows.
     """
     started = time.monotonic()
 
@@ -329,9 +329,9 @@ async def propagation(address: str, admin_key: str, secrets_: list[tuple[str, st
         assert sum(c.cache_stats().hits for c in caching) > served_from_memory  # type: ignore[union-attr]
 
         async def until_refused(client: keystile.AsyncClient, secret: str, start: float) -> float:
-            # Every POLL seconds, not flat out: 14 pollers flat out saturate both CPUs, and the
-            # servers' event loops then take the event behind a queue of probes. The polling
-            # adds up to POLL to each measured time, so the figure errs on the slow side.
+            # Every PROPAGATION_POLL seconds, not flat out: 14 pollers flat out saturate both
+            # CPUs, and the servers' event loops then take the event behind a queue of probes.
+            # The polling adds up to PROPAGATION_POLL to each time: it errs on the slow side.
             while (await client.verify_key(secret)).result != revoked:
                 await asyncio.sleep(PROPAGATION_POLL)
             return time.perf_counter() - start
