@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import hashlib
 import json
 import os
 import platform
@@ -238,7 +237,7 @@ def seed(url: str, secrets_: list[str], *, owner: str, scopes: list[str]) -> lis
                     owner,
                     "bench",
                     "ks",
-                    hashlib.sha256(secret.encode()).digest(),
+                    keystile.hash_key(secret),
                     parsed.hint,
                     scopes,
                 )
@@ -405,7 +404,7 @@ def cache_memory(url: str, secrets_: list[str]) -> dict[str, Any]:
                 metrics=ServerMetrics(),
             )
             cache.arm()
-            hashes = [hashlib.sha256(s.encode()).digest() for s in secrets_]
+            hashes = [keystile.hash_key(s) for s in secrets_]
             tracemalloc.start()
             before = tracemalloc.take_snapshot()
             await asyncio.gather(*(cache.get(h) for h in hashes))
