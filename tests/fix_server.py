@@ -47,7 +47,26 @@ class AioLoop:
         self.thread.start()
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            future.cancel()
+            raise TimeoutError(f"{coro.__qualname__} did not finish in {timeout}s\n{self.dump()}") from None
+
+    def dump(self) -> str:
+        """Where the loop thread is, and every pending task's stack: what a hang is waiting on."""
+        import io
+        import traceback
+
+        out = io.StringIO()
+        frame = sys._current_frames().get(self.thread.ident or 0)
+        if frame is not None:
+            out.write("loop thread:\n" + "".join(traceback.format_stack(frame)))
+        for task in list(asyncio.all_tasks(self.loop)):
+            out.write(f"\n{task!r}\n")
+            task.print_stack(limit=20, file=out)
+        return out.getvalue()
 
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)

@@ -348,8 +348,10 @@ class AsyncClient:
             call: Any = self._stub.WatchKeyEvents(_WATCH_REQUEST, metadata=self._metadata)
             try:
                 while True:
-                    # A stream silent for three heartbeats is abandoned, not trusted.
-                    event = await asyncio.wait_for(call.read(), SILENCE_FACTOR * WATCH_HEARTBEAT)
+                    # A stream silent for three heartbeats is abandoned, not trusted. (Not
+                    # wait_for: on Python 3.11 it can swallow the cancellation close() sends.)
+                    async with asyncio.timeout(SILENCE_FACTOR * WATCH_HEARTBEAT):
+                        event = await call.read()
                     if event is _EOF or not apply_event(self._cache, event):
                         break
                     delay = _RETRY[0]

@@ -204,7 +204,8 @@ class KeystileServer:
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the database is connected and the server reports SERVING."""
-        await asyncio.wait_for(self._ready.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await self._ready.wait()
 
     async def _connect(self) -> None:
         assert self._database_url is not None
@@ -294,7 +295,10 @@ class KeystileServer:
             self.metrics.publish()
             self.metrics.watchers.set(len(self._events))
             try:
-                await asyncio.wait_for(self._store.ping(), self.settings.db_timeout)
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
+                # that lands as the probe answers, and stop() would then wait for this loop forever.
+                async with asyncio.timeout(self.settings.db_timeout):
+                    await self._store.ping()
                 healthy = True
             except (StoreUnavailable, TimeoutError):
                 healthy = False

@@ -44,7 +44,8 @@ class Subscription:
         """Changed hashes (oldest first), or [] when ``timeout`` passes with none: time to heartbeat."""
         if not self._pending and not self.closed_because:
             try:
-                await asyncio.wait_for(self._wakeup.wait(), timeout)
+                async with asyncio.timeout(timeout):  # not wait_for: it can swallow a cancel
+                    await self._wakeup.wait()
             except TimeoutError:
                 return []
         if self.closed_because:

@@ -99,7 +99,8 @@ class KeyEventListener:
             application_name="keystile-listener",
         )
         async with conn:
-            await asyncio.wait_for(conn.execute(f"LISTEN {CHANNEL}"), self._timeout)
+            async with asyncio.timeout(self._timeout):  # not wait_for: it can swallow a cancel
+                await conn.execute(f"LISTEN {CHANNEL}")
             self._connected = self._established = True
             self._on_connected()
             _log.info("key event listener connected")
