@@ -41,6 +41,8 @@ MIX_KINDS: Final = ("valid", "unknown", "malformed", "revoked")
 _HIGHEST_US: Final = 60_000_000
 CONNECT_TIMEOUT: Final = 10.0
 """Seconds a load process waits for its connection before the run fails (instead of hanging)."""
+_READY: Final = grpc.ChannelConnectivity.READY
+_FAILED: Final = grpc.ChannelConnectivity.TRANSIENT_FAILURE
 _RESULT_NAMES: Final[dict[int, str]] = {
     int(value): name.removeprefix("VERIFY_RESULT_").lower() for name, value in keys_pb2.VerifyResult.items()
 }
@@ -161,7 +163,7 @@ def run_sequence(
                 continue
             kind, index, calls, errors = message[:4]
             if kind == "unreachable":
-                raise ConnectionError(f"cannot connect to {calls} within {CONNECT_TIMEOUT:g}s")
+                raise ConnectionError(f"cannot connect to {calls}: {errors}")
             if kind == "tick":
                 ticks[index] = (calls, errors)
                 if progress is not None:
@@ -213,6 +215,26 @@ def _channel(spec: LoadSpec) -> grpc.aio.Channel:
     return grpc.aio.insecure_channel(spec.target, options=options)
 
 
+async def _connect(channel: grpc.aio.Channel) -> str:
+    """Connect before the clock starts; "" when connected, else why not.
+
+    Like pgbench, a refused or unresolvable target fails the run at its first failed attempt
+    rather than after gRPC's reconnect backoff; a target that never answers (a dropped route)
+    fails after CONNECT_TIMEOUT.
+    """
+    state = channel.get_state(try_to_connect=True)
+    try:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            while state is not _READY:
+                if state is _FAILED:
+                    return "connection failed"
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        return f"no connection within {CONNECT_TIMEOUT:g}s"
+    return ""
+
+
 def _cpu_seconds(pid: int) -> float:
     import psutil
 
@@ -227,10 +249,9 @@ async def _drive(spec: LoadSpec, index: int, position: int, concurrency: int, re
     verify = spec.rpc == "verify"
     calls = errors = 0
     async with _channel(spec) as channel:
-        try:
-            await asyncio.wait_for(channel.channel_ready(), CONNECT_TIMEOUT)
-        except TimeoutError:
-            reports.put(("unreachable", index, spec.target, 0))
+        failure = await _connect(channel)
+        if failure:
+            reports.put(("unreachable", index, spec.target, failure))
             return
         # No (de)serializers: requests go out as the bytes serialized up front.
         call = channel.unary_unary(VERIFY_METHOD if verify else HEALTH_METHOD, None, None)
