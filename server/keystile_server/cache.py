@@ -71,6 +71,9 @@ class VerificationCache:
         self._inflight: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
         self._queue: list[tuple[bytes, asyncio.Future[KeyRecord | None]]] = []
         self._loads_running = 0
+        # The loop keeps only weak references to tasks: a fill nobody held could vanish mid-query
+        # and leave _loads_running stuck, stalling every later miss.
+        self._fills: set[asyncio.Task[None]] = set()
         self._dispatch_scheduled = False
         self._epoch = 0
         self.armed = False
@@ -176,7 +179,9 @@ class VerificationCache:
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             self._loads_running += 1
             # The epoch is taken before the query is sent: any event after this point fences it.
-            asyncio.get_running_loop().create_task(self._fill(batch, self._epoch))
+            fill = asyncio.get_running_loop().create_task(self._fill(batch, self._epoch))
+            self._fills.add(fill)
+            fill.add_done_callback(self._fills.discard)
 
     async def _fill(self, waiters: list[tuple[bytes, asyncio.Future[KeyRecord | None]]], epoch: int) -> None:
         try:
