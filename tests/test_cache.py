@@ -282,6 +282,47 @@ def test_cached_verdicts_answer_each_scope_and_resource_request_on_its_own(
     assert verifications == 3 * len(cases), "refused requests are not verifications"
 
 
+def test_a_remembered_unknown_key_with_bad_scopes_is_still_a_bad_request(
+    fresh: Callable[..., RunningServer],
+) -> None:
+    server = fresh()
+    secret = unknown_key()
+    with server.client() as client:
+        assert client.verify_key(secret).result == NOT_FOUND  # looked up once, now remembered
+        before = server.metrics()
+        with pytest.raises(keystile.InvalidArgumentError) as info:
+            client.verify_key(secret, required_scopes=["jobs:read", "BAD"])
+        assert "required_scopes[1]" in info.value.field_violations
+        assert client.verify_key(secret, required_scopes=["jobs:read"]).result == NOT_FOUND
+    after = server.metrics()
+    assert (
+        after["keystile_cache_lookups_total{outcome=negative_hit}"]
+        - before["keystile_cache_lookups_total{outcome=negative_hit}"]
+        == 2
+    )
+    assert after[LOOKUPS] == before[LOOKUPS]
+
+
+def test_verdicts_memoized_for_one_key_are_bounded_and_leave_with_it(
+    fresh: Callable[..., RunningServer], owner: str, cache_db: Db
+) -> None:
+    """A caller varying its scopes without end cannot grow one entry's memo without end, and a
+    revocation takes every verdict memoized for the key with it."""
+    server = fresh()
+    with server.client() as client:
+        created = new_key(server, client, owner, scopes=["jobs:*"])
+        cache = server.server._cache
+        assert cache is not None
+        for i in range(100):
+            assert client.verify_key(created.secret, required_scopes=[f"jobs:task{i}"]).result == VALID
+        entry = cache._positive[keystile.hash_key(created.secret)]
+        assert 0 < len(entry.verdicts) <= 8
+        cache_db.execute("UPDATE keystile.keys SET revoke_time = now() WHERE id = %s", (created.key.id,))
+        eventually(lambda: keystile.hash_key(created.secret) not in cache._positive)
+        for i in range(100):  # every memoized scope set answers afresh
+            assert client.verify_key(created.secret, required_scopes=[f"jobs:task{i}"]).result == REVOKED
+
+
 def test_malformed_keys_cost_no_query_and_no_cache_entry(fresh: Callable[..., RunningServer]) -> None:
     server = fresh()
     before = server.metrics()

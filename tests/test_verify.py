@@ -186,3 +186,52 @@ def test_last_used_time_is_recorded_at_most_once_a_minute(
         )
     finally:
         other.stop()
+
+
+@pytest.mark.parametrize(
+    ("fields", "only_the_key"),
+    [
+        ({"key": "ks_" + "a" * 49}, True),
+        ({"key": "sk_live_" + "Z" * 49}, True),
+        ({"key": "ks_" + "\u00e9" * 40}, True),  # the UTF-8 bytes, as they came
+        ({"key": "k" * 127}, True),
+        ({"key": "k" * 128}, False),  # a two-byte length: parsed in full
+        ({"key": "ks_x", "required_scopes": ["jobs:read"]}, False),
+        ({"key": "ks_x", "resource": "r"}, False),
+        ({"required_scopes": ["jobs:read"]}, False),
+        ({}, False),
+    ],
+)
+def test_a_request_naming_only_a_key_is_read_off_the_wire(fields: dict[str, Any], only_the_key: bool) -> None:
+    from keystile_server.handlers import key_only
+
+    wire = keys_pb2.VerifyKeyRequest(**fields).SerializeToString()
+    assert key_only(wire) == (fields["key"].encode() if only_the_key else None)
+    # Whatever follows the key, known or unknown, keeps a request off the short path.
+    assert key_only(wire + b"\x1a\x01r") is None
+    assert key_only(wire + b"\xf8\x07\x01") is None
+
+
+@pytest.mark.parametrize(
+    "wire",
+    [b"\x0a\x02\xff\xfe", b"\x0a\x05ab", b"\xff\xff", b"\x0a\x03ks_\x12\x02\xc3"],
+    ids=["bad-utf8-key", "truncated", "garbage", "bad-utf8-scope"],
+)
+def test_an_unparsable_verify_request_is_invalid_argument(server: Any, wire: bytes) -> None:
+    """Not a stack trace in an UNKNOWN status: the same mapping as every other bad request."""
+    import grpc
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
+    with grpc.insecure_channel(server.address) as channel:
+        call = channel.unary_unary("/keystile.v1.KeyService/VerifyKey", None, None)
+        with pytest.raises(grpc.RpcError) as caught:
+            call(wire, timeout=5)
+    error = caught.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None
+    info = error_details_pb2.ErrorInfo()
+    assert any(detail.Unpack(info) for detail in status.details)
+    assert info.reason == "INVALID_ARGUMENT" and info.domain == "keystile.dev"
+    assert "DecodeError" not in error.details() and "parsing" not in error.details()  # type: ignore[attr-defined]

@@ -96,6 +96,6 @@ def generate_key(prefix: str) -> str:
     return body + _checksum(body)
 
 
-def hash_key(secret: str) -> bytes:
-    """The SHA-256 digest under which a secret is stored and looked up."""
-    return hashlib.sha256(secret.encode("utf-8")).digest()
+def hash_key(secret: str | bytes) -> bytes:
+    """The SHA-256 digest under which a secret is stored and looked up (of its UTF-8 encoding)."""
+    return hashlib.sha256(secret.encode("utf-8") if isinstance(secret, str) else secret).digest()

@@ -2,9 +2,10 @@
 
 Why each part exists:
 
-- **Positive entries** hold the ``KeyRecord`` a verdict is judged from (expiry is judged per call
-  from the snapshot, so an entry never outlives its key's ``expire_time``). Revoked keys are cached
-  too: revocation is final.
+- **Positive entries** (``CachedKey``) hold the ``KeyRecord`` a verdict is judged from (expiry is
+  judged per call from the snapshot, so an entry never outlives its key's ``expire_time``). Revoked
+  keys are cached too: revocation is final. Verdicts the service derives from a snapshot are kept
+  on its entry, so they leave the cache with it and need no bookkeeping of their own.
 - **Negative entries** remember well-formed hashes that matched no key, in a separate, smaller
   bound, so that a client hammering one bad key costs the database nothing. A key created later
   evicts its negative entry through the same event as a revocation.
@@ -23,10 +24,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Final
+from typing import Any, Final
 
 from .metrics import ServerMetrics
 from .model import KeyRecord
@@ -39,6 +41,26 @@ MAX_BATCH: Final = 256
 # together as one batch, which is how a miss storm turns into a handful of queries. Measured:
 # two loads in flight at 16 calls halved the batch size and cost ~40 % more server CPU per miss.
 MAX_CONCURRENT_LOADS: Final = 1
+
+
+class CachedKey:
+    """One cached snapshot of a key, fresh until ``fresh_until`` (the cache's clock).
+
+    ``verdicts`` is the owner's: the service memoizes the verdicts it judged from ``record``
+    there. The entry is replaced on every reload and dropped on every event, eviction or
+    expiry, and whatever hangs on it goes with it: a derived verdict cannot outlive its snapshot.
+    """
+
+    __slots__ = ("fresh_until", "record", "verdicts")
+
+    def __init__(self, record: KeyRecord | None, fresh_until: float) -> None:
+        self.record = record
+        self.fresh_until = fresh_until
+        self.verdicts: dict[object, Any] = {}
+
+
+UNKNOWN_KEY: Final = CachedKey(None, math.inf)
+"""What ``peek`` answers for a remembered unknown hash (the negative cache keeps only deadlines)."""
 
 
 def _consume(future: asyncio.Future[KeyRecord | None]) -> None:
@@ -66,7 +88,7 @@ class VerificationCache:
         self._max_staleness = max_staleness
         self._metrics = metrics
         self._clock = clock
-        self._positive: OrderedDict[bytes, tuple[KeyRecord, float]] = OrderedDict()
+        self._positive: OrderedDict[bytes, CachedKey] = OrderedDict()
         self._negative: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
         self._queue: list[tuple[bytes, asyncio.Future[KeyRecord | None]]] = []
@@ -78,36 +100,37 @@ class VerificationCache:
         self._epoch = 0
         self.armed = False
         self._outcome = metrics.cache_lookups
+        self._hits = metrics.cache_lookups["hit"]
         self._evicted = metrics.cache_evictions
 
     def __len__(self) -> int:
         return len(self._positive) + len(self._negative)
 
-    def peek(self, secret_hash: bytes) -> tuple[bool, KeyRecord | None]:
-        """(True, entry) for a fresh entry (the record, or None for a known-unknown hash), else (False, None).
+    def peek(self, secret_hash: bytes) -> CachedKey | None:
+        """The fresh entry for this hash (``UNKNOWN_KEY`` for a known-unknown hash), else None.
 
         Synchronous and query-free: the verification path tries this before anything else.
         """
         if not self.armed:
-            return False, None
+            return None
         now = self._clock()
         entry = self._positive.get(secret_hash)
         if entry is not None:
-            if entry[1] > now:
+            if entry.fresh_until > now:
                 self._positive.move_to_end(secret_hash)
-                self._outcome["hit"].inc()
-                return True, entry[0]
+                self._hits.inc()
+                return entry
             del self._positive[secret_hash]
             self._evicted["expired"].inc()
-            return False, None
+            return None
         deadline = self._negative.get(secret_hash)
         if deadline is not None:
             if deadline > now:
                 self._outcome["negative_hit"].inc()
-                return True, None
+                return UNKNOWN_KEY
             del self._negative[secret_hash]
             self._evicted["expired"].inc()
-        return False, None
+        return None
 
     async def load(self, secret_hash: bytes) -> KeyRecord | None:
         """Fetch from the database (joining a load in flight), caching the answer when allowed."""
@@ -116,9 +139,9 @@ class VerificationCache:
 
     async def get(self, secret_hash: bytes) -> KeyRecord | None:
         """The key with this hash (None: no such key), from memory when a fresh entry exists."""
-        hit, record = self.peek(secret_hash)
-        if hit:
-            return record
+        entry = self.peek(secret_hash)
+        if entry is not None:
+            return entry.record
         return await self.load(secret_hash)
 
     def invalidate(self, secret_hash: bytes) -> None:
@@ -222,7 +245,7 @@ class VerificationCache:
 
     def _store(self, secret_hash: bytes, record: KeyRecord | None, deadline: float) -> None:
         if record is not None:
-            self._positive[secret_hash] = (record, deadline)
+            self._positive[secret_hash] = CachedKey(record, deadline)
             if len(self._positive) > self._max_entries:
                 self._positive.popitem(last=False)
                 self._evicted["capacity"].inc()

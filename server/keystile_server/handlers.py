@@ -12,6 +12,7 @@ from typing import Any, Final
 
 import grpc
 from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError
 
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
@@ -83,6 +84,27 @@ def _expire_time(request: keys_pb2.CreateKeyRequest) -> datetime | None:
         return request.expire_time.ToDatetime(tzinfo=UTC)
     except (ValueError, OverflowError) as exc:
         raise violation_error("expire_time", "is not a valid timestamp") from exc
+
+
+def key_only(request: bytes) -> bytes | None:
+    """The key of a serialized VerifyKeyRequest that sets nothing else, read off the wire; else None.
+
+    Most verifications name only a key. Such a request is exactly field 1's tag (0x0A), a
+    one-byte length (a key under 128 bytes) and the key's UTF-8 bytes, so the key can be hashed
+    as it arrived, without building a message: measured on the real server, parsing the
+    request was a third of what a cache hit cost beyond a no-op call. Anything else (scopes, a
+    resource, unknown fields, a longer key) is parsed in full.
+    """
+    if len(request) > 2 and request[0] == 0x0A and request[1] < 0x80 and request[1] == len(request) - 2:
+        return request[2:]
+    return None
+
+
+def _verify_request(request: bytes) -> keys_pb2.VerifyKeyRequest:
+    try:
+        return keys_pb2.VerifyKeyRequest.FromString(request)
+    except DecodeError as exc:
+        raise violation_error("request", "is not a valid keystile.v1.VerifyKeyRequest") from exc
 
 
 def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -186,30 +208,37 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         )
         return keys_pb2.RevokeKeyResponse(key=key_to_proto(record, utc_now()))
 
-    async def VerifyKey(  # type: ignore[override]  # answers serialized bytes: see add_to_server
+    async def VerifyKey(  # type: ignore[override]  # bytes in and out: see add_to_server
         self,
-        request: keys_pb2.VerifyKeyRequest,
-        context: grpc.aio.ServicerContext[keys_pb2.VerifyKeyRequest, bytes],
+        request: bytes,
+        context: grpc.aio.ServicerContext[bytes, bytes],
     ) -> bytes:
         """Judge a presented key; an invalid key is an answer, not an error.
 
-        A cached key is answered without suspending; anything else takes the full path. Errors
-        are translated inline rather than by ``translate_errors``, whose extra coroutine per call
-        is a measurable share of a cache hit.
+        A cached key is answered without suspending, and a request naming only a key is not
+        even parsed (``key_only``); anything else takes the full path. Errors are translated
+        inline rather than by ``translate_errors``, whose extra coroutine per call is a
+        measurable share of a cache hit.
         """
         try:
             service = self.service
             if service is None:
                 raise StoreUnavailable()
-            verdict = service.verify_cached(request.key, request.required_scopes, request.resource)
+            key = key_only(request)
+            verdict = service.verify_cached(key) if key is not None else None
             if verdict is None:
-                verdict = await service.verify_key(
-                    request.key,
-                    request.required_scopes,
-                    request.resource,
-                    # Metadata is only read when the mode needs a caller key.
-                    authorization=_authorization(context) if service.verify_auth_required else "",
-                )
+                parsed = _verify_request(request)
+                scopes, resource = parsed.required_scopes, parsed.resource
+                if key is None:  # not tried above: scopes or a resource come with it
+                    verdict = service.verify_cached(parsed.key.encode(), scopes, resource)
+                if verdict is None:
+                    verdict = await service.verify_key(
+                        parsed.key,
+                        scopes,
+                        resource,
+                        # Metadata is only read when the mode needs a caller key.
+                        authorization=_authorization(context) if service.verify_auth_required else "",
+                    )
             return self._verify_response(verdict)
         except Exception as exc:
             await abort_for("VerifyKey", exc, context)
@@ -262,18 +291,17 @@ class _Registration:
 
 
 def add_to_server(servicer: KeyServiceHandlers, server: grpc.aio.Server) -> None:
-    """Register KeyService as generated, except that VerifyKey hands gRPC serialized bytes.
+    """Register KeyService as generated, except that VerifyKey takes and returns serialized bytes.
 
     Most VerifyKey answers are memoized responses; passing their bytes (no response serializer)
-    skips serializing the same message again on every call.
+    skips serializing the same message again on every call. Taking the request's bytes (no
+    request deserializer) lets a request that names only a key skip parsing (``key_only``).
     """
     registration = _Registration()
     keys_pb2_grpc.add_KeyServiceServicer_to_server(servicer, registration)  # type: ignore[arg-type]
     if "VerifyKey" not in registration.table:  # stubs from grpcio-tools < 1.62 only register generically
         raise RuntimeError("keystile.v1 stubs are too old to register; regenerate them with `make proto`")
     table = dict(registration.table)
-    table["VerifyKey"] = grpc.unary_unary_rpc_method_handler(
-        servicer.VerifyKey, request_deserializer=keys_pb2.VerifyKeyRequest.FromString
-    )
+    table["VerifyKey"] = grpc.unary_unary_rpc_method_handler(servicer.VerifyKey)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(registration.service, table),))
     server.add_registered_method_handlers(registration.service, table)  # type: ignore[attr-defined]

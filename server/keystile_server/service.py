@@ -119,9 +119,6 @@ class KeyService:
         self._default_prefix = default_prefix
         self._page_tokens = page_tokens
         self._usage = usage
-        # Verdicts of cached snapshots, by snapshot identity (and scopes and resource), with the
-        # POSIX time they hold until: see _verdict_for.
-        self._memo: dict[object, _Memo] = {}
         self.verify_auth_required = verify_auth == "required"
         self.max_staleness = max_staleness
         # Kept only as a digest: compared in constant time, and never printable from this object.
@@ -287,7 +284,7 @@ class KeyService:
         """
         if self.verify_auth_required:
             require_scope(await self.authenticate(authorization), KEYS_VERIFY)
-            cached = self.verify_cached(secret, required_scopes, resource, caller_authorized=True)
+            cached = self.verify_cached(secret.encode(), required_scopes, resource, caller_authorized=True)
             if cached is not None:
                 return cached
         verdict = await self._lookup(secret, required_scopes, resource)
@@ -313,35 +310,45 @@ class KeyService:
         return self._events.subscribe(), interval
 
     def verify_cached(
-        self, secret: str, required_scopes: Sequence[str], resource: str, *, caller_authorized: bool = False
+        self,
+        secret: bytes,
+        required_scopes: Sequence[str] = (),
+        resource: str = "",
+        *,
+        caller_authorized: bool = False,
     ) -> Verification | None:
         """``verify_key`` for a key the cache holds, without suspending; None when that cannot be.
 
-        The common case, kept to a hash, three dict lookups and a clock read, all in this one
-        function: a verdict already judged for this snapshot, scopes and resource is reused while
-        it holds (see ``_verdict_for``). Measured on the real server, each further call or
-        coroutine on this path showed up in calls/s. None (use ``verify_key``) when the key is
-        not cached, or when ``--verify-auth required`` and only ``verify_key``, having checked
-        the caller, may pass ``caller_authorized``.
+        ``secret`` is the key's UTF-8 encoding, as it arrives on the wire. The common case is kept
+        to a hash, two dict lookups and a clock read, all in this one function: a verdict already
+        judged for the cached snapshot, scopes and resource is reused while it holds (see
+        ``_verdict_for``). Measured on the real server, each further call on this path showed up
+        in calls/s. None (use ``verify_key``) when the key is not cached, or when
+        ``--verify-auth required`` and only ``verify_key``, having checked the caller, may pass
+        ``caller_authorized``.
         """
         if (self.verify_auth_required and not caller_authorized) or len(secret) > MAX_KEY_LENGTH:
             return None
-        hit, record = self._cache.peek(hash_key(secret))
-        if not hit:
+        entry = self._cache.peek(hash_key(secret))
+        if entry is None:
             return None
+        record = entry.record
+        if record is None:  # a remembered unknown key
+            _required(required_scopes, resource)  # still, bad scopes make a bad request
+            self._verdicts[VerifyResult.NOT_FOUND].inc()
+            return _NOT_FOUND
         now = time.time()
-        memo_key: object = id(record)
-        if required_scopes or resource:
-            memo_key = (memo_key, tuple(required_scopes), resource)
-        memo = self._memo.get(memo_key)
-        if memo is not None and memo.record is record and now < memo.until:
+        memo_key = (tuple(required_scopes), resource) if required_scopes or resource else None
+        memo: _Memo | None = entry.verdicts.get(memo_key)
+        if memo is not None and now < memo.until:
             if now >= memo.next_use:  # a use is worth noting at most once a minute (usage.py)
                 memo.next_use = now + MIN_WRITE_INTERVAL
                 self._usage.record(record.id, now)
             memo.counter.inc()
             return memo.verdict
         # Validated here, before anything is stored: a memo hit then needs no validation.
-        verdict = self._verdict_for(record, _required(required_scopes, resource), resource, now, memo_key)
+        required = _required(required_scopes, resource)
+        verdict = self._verdict_for(record, required, resource, now, entry.verdicts, memo_key)
         self._verdicts[verdict.result].inc()
         return verdict
 
@@ -356,10 +363,12 @@ class KeyService:
         if len(secret) > MAX_KEY_LENGTH:  # refuse before hashing: no paying for megabyte "keys"
             return _MALFORMED
         secret_hash = hash_key(secret)
-        hit, record = self._cache.peek(secret_hash)
-        if not hit:
-            if parse_key(secret) is None:
-                return _MALFORMED
+        entry = self._cache.peek(secret_hash)
+        if entry is not None:
+            record = entry.record
+        elif parse_key(secret) is None:
+            return _MALFORMED
+        else:
             record = await self._cache.load(secret_hash)
         return self._verdict_for(record, required, resource, time.time())
 
@@ -369,28 +378,28 @@ class KeyService:
         required: Sequence[str],
         resource: str,
         now: float,
+        memos: dict[object, Any] | None = None,
         memo_key: object = None,
     ) -> Verification:
-        """Judge a snapshot at ``now`` (POSIX seconds) and, given a ``memo_key``, memoize the verdict.
+        """Judge a snapshot at ``now`` (POSIX seconds) and, given its entry's ``memos``, memoize the verdict.
 
         ``required`` and ``resource`` have passed validation. Only cached snapshots are memoized
-        (``verify_cached`` passes the key): a snapshot loaded without being cached is never seen
-        again, and memoizing it would only pin it in memory. The memo is keyed by the snapshot's
-        identity (the memo keeps the snapshot alive, so the id is not reused) with the scopes and
-        resource as presented, and each verdict holds only until ``holds_until``.
+        (``verify_cached`` passes their entry's ``memos``): a snapshot loaded without being cached
+        is never seen again. The memo lives on the cache entry, keyed by the scopes and resource
+        as presented (None for neither), so it is dropped with the entry; and each verdict holds
+        only until ``holds_until``.
         """
         if record is None:
             return _NOT_FOUND
         result = judge(record, required, resource, _utc(now))
-        verdict = Verification(result, record, memo_key is not None)
+        verdict = Verification(result, record, memos is not None)
         valid = result is VerifyResult.VALID
         if valid:
             self._usage.record(record.id, now)
-        if memo_key is not None:
-            if len(self._memo) >= _MAX_MEMO:
-                self._memo.clear()
-            self._memo[memo_key] = _Memo(
-                record,
+        if memos is not None:
+            if len(memos) >= _MAX_VERDICTS_PER_KEY:  # callers varying scopes without end
+                memos.clear()
+            memos[memo_key] = _Memo(
                 verdict,
                 holds_until(record, result),
                 self._verdicts[result],
@@ -407,7 +416,6 @@ class _Memo:
     next worth noting (usage writes a key at most once a minute, so the notes between are skipped).
     """
 
-    record: KeyRecord
     verdict: Verification
     until: float
     counter: HotCounter
@@ -428,7 +436,8 @@ def _required(required_scopes: Sequence[str], resource: str) -> Sequence[str]:
 
 _MALFORMED: Final = Verification(VerifyResult.MALFORMED, None, True)
 _NOT_FOUND: Final = Verification(VerifyResult.NOT_FOUND, None, True)
-_MAX_MEMO: Final = 50_000
+_MAX_VERDICTS_PER_KEY: Final = 8
+"""Scope and resource combinations memoized per cached key; past this the memo starts over."""
 _AUTH_FAILURES = {
     VerifyResult.MALFORMED: "CREDENTIALS_MALFORMED",
     VerifyResult.NOT_FOUND: "CREDENTIALS_UNKNOWN",
