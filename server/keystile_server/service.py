@@ -320,8 +320,8 @@ class KeyService:
         """``verify_key`` for a key the cache holds, without suspending; None when that cannot be.
 
         ``secret`` is the key's UTF-8 encoding, as it arrives on the wire. The common case is kept
-        to a hash, two dict lookups and a clock read, all in this one function: a verdict already
-        judged for the cached snapshot, scopes and resource is reused while it holds (see
+        to a hash, the cache's lookup and one on the entry's memo, and a clock read: a verdict
+        already judged for the cached snapshot, scopes and resource is reused while it holds (see
         ``_verdict_for``). Measured on the real server, each further call on this path showed up
         in calls/s. None (use ``verify_key``) when the key is not cached, or when
         ``--verify-auth required`` and only ``verify_key``, having checked the caller, may pass
