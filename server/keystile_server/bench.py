@@ -161,9 +161,10 @@ def run_sequence(
                 if time.monotonic() > deadline or not any(proc.is_alive() for proc in procs):
                     raise RuntimeError("a load process died or hung; see its output above") from None
                 continue
-            kind, index, calls, errors = message[:4]
-            if kind == "unreachable":
-                raise ConnectionError(f"cannot connect to {calls}: {errors}")
+            kind, index = message[:2]
+            if kind == "unreachable":  # ("unreachable", index, target, why)
+                raise ConnectionError(f"cannot connect to {message[2]}: {message[3]}")
+            calls, errors = message[2:4]
             if kind == "tick":
                 ticks[index] = (calls, errors)
                 if progress is not None:
