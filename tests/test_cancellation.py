@@ -52,10 +52,12 @@ def test_a_watch_stream_waiting_for_events_stops_when_cancelled() -> None:
         nonlocal waits
         while True:  # as the WatchKeyEvents handler does
             waits += 1
-            await subscription.next_batch(5)
+            await subscription.next_message(5)
 
     asyncio.run(
-        cancel_as_it_finishes(forever(), parked=lambda: waits == 1, finish=lambda: hub.publish(b"\x01" * 32))
+        cancel_as_it_finishes(
+            forever(), parked=lambda: waits == 1, finish=lambda: subscription._deliver(b"event", 0.0)
+        )
     )
 
 
@@ -65,7 +67,7 @@ class _Store:
     def __init__(self) -> None:
         self.pong: asyncio.Future[None] | None = None
 
-    async def ping(self) -> None:
+    async def ping(self, timeout: float | None = None) -> None:
         self.pong = asyncio.get_running_loop().create_future()
         await self.pong
 

@@ -356,22 +356,30 @@ def test_async_client_without_cache_starts_no_task(server: RunningServer, aio: A
 def test_a_subscriber_too_far_behind_is_closed_not_silently_skipped(aio: AioLoop) -> None:
     """The hub never drops an event: it ends the stream so the client drops its cache."""
     from keystile_server.errors import EventsUnavailable
-    from keystile_server.watch import MAX_PENDING, KeyEventHub
+    from keystile_server.watch import MAX_QUEUED, KeyEventHub
 
-    async def scenario() -> tuple[list[bytes], str]:
+    async def settle() -> None:  # publish leaves on the next loop turn, fan-out on the one after
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    async def scenario() -> tuple[bytes, str, int]:
         hub = KeyEventHub()
         with pytest.raises(EventsUnavailable):
             hub.subscribe()  # events are not flowing yet
         hub.open()
         keeping_up, falling_behind = hub.subscribe(), hub.subscribe()
         hub.publish(b"a" * 32)
-        first = await keeping_up.next_batch(1)
-        for i in range(MAX_PENDING + 1):
+        await settle()
+        first = await keeping_up.next_message(1)
+        for i in range(MAX_QUEUED + 1):
             hub.publish(i.to_bytes(32, "big"))
+            await settle()
+            await keeping_up.next_message(1)
         with pytest.raises(EventsUnavailable) as caught:
-            await falling_behind.next_batch(1)
-        return first, caught.value.message
+            await falling_behind.next_message(1)
+        return first, caught.value.message, len(hub)
 
-    first, message = aio.run(scenario())
-    assert first == [b"a" * 32]
+    first, message, left = aio.run(scenario())
+    assert keys_pb2.WatchKeyEventsResponse.FromString(first).key_hashes == [b"a" * 32]
     assert "too slow" in message
+    assert left == 1, "the slow subscriber is forgotten by the hub (its queue freed)"

@@ -9,7 +9,7 @@ mechanics of the service so that each rule reads on its own and is tested on its
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Final
 
@@ -32,6 +32,8 @@ class Caller:
     scopes: tuple[str, ...]
     resources: tuple[str, ...] = ()
     expire_time: datetime | None = None
+    key_hash: bytes = field(default=b"", repr=False)
+    """The SHA-256 of the caller's key (empty for the static admin key): what its events name."""
 
     @property
     def is_admin(self) -> bool:

@@ -11,12 +11,18 @@ Why each part exists:
   evicts its negative entry through the same event as a revocation.
 - **Single flight, coalesced**: concurrent misses for one hash share one load, and misses for
   different hashes that arrive together share one ``= ANY(...)`` query.
+- **Bounded waiting**: at most ``max_pending`` distinct hashes wait for the database at once;
+  beyond that a miss is refused at once (``LookupsOverloaded``, UNAVAILABLE) instead of queued.
+  A load that stalls does not hold up the queue behind it (see ``STALLED_LOAD``).
 - **Push invalidation**: ``invalidate`` is called for every key-change event (and locally after a
   revocation). Each invalidation bumps an epoch; a load that started under an older epoch still
   answers its waiters but does not store its result, so a fill racing a revocation can never
   resurrect the revoked key. Loads in flight are detached, so later callers start afresh.
 - **Armed only while events flow**: ``arm`` (listener connected) clears everything and starts
   caching; ``disarm`` (listener lost) clears everything and bypasses the cache until re-armed.
+  ``hold`` is the opt-in alternative to ``disarm`` (``--on-database-outage serve-cached``): the
+  entries already cached keep being served until their staleness deadline, and nothing new is
+  stored, since no event could fence it.
 - **max_staleness**: whatever else fails, no entry is served older than this many seconds.
 """
 
@@ -30,6 +36,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
+from .errors import LookupsOverloaded
 from .metrics import ServerMetrics
 from .model import KeyRecord
 
@@ -37,10 +44,14 @@ _log = logging.getLogger(__name__)
 
 Loader = Callable[[Sequence[bytes]], Awaitable[dict[bytes, KeyRecord]]]
 MAX_BATCH: Final = 256
-# One load at a time on purpose: misses that arrive while it is in flight queue up and leave
-# together as one batch, which is how a miss storm turns into a handful of queries. Measured:
-# two loads in flight at 16 calls halved the batch size and cost ~40 % more server CPU per miss.
-MAX_CONCURRENT_LOADS: Final = 1
+# One load at a time while loads answer promptly: misses that arrive while it is in flight queue
+# up and leave together as one batch, which is how a miss storm turns into a handful of queries.
+# Measured: two loads in flight at 16 calls halved the batch size and cost ~40 % more server CPU
+# per miss. But a load that has not answered within STALLED_LOAD seconds (a lookup takes about a
+# millisecond) may be stuck on a dead connection, so the next batch leaves beside it rather than
+# waiting for its timeout: one stuck fill never holds up the others.
+MAX_CONCURRENT_LOADS: Final = 4
+STALLED_LOAD: Final = 0.05
 
 
 class CachedKey:
@@ -80,9 +91,11 @@ class VerificationCache:
         negative_max_entries: int,
         max_staleness: float,
         metrics: ServerMetrics,
+        max_pending: int = 1000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load = load
+        self._max_pending = max_pending
         self._max_entries = max_entries
         self._negative_max_entries = negative_max_entries
         self._max_staleness = max_staleness
@@ -92,13 +105,15 @@ class VerificationCache:
         self._negative: OrderedDict[bytes, float] = OrderedDict()
         self._inflight: dict[bytes, asyncio.Future[KeyRecord | None]] = {}
         self._queue: list[tuple[bytes, asyncio.Future[KeyRecord | None]]] = []
-        self._loads_running = 0
+        self._loads_started: list[float] = []  # start time of each load in flight (its clock)
         # The loop keeps only weak references to tasks: a fill nobody held could vanish mid-query
         # and leave _loads_running stuck, stalling every later miss.
         self._fills: set[asyncio.Task[None]] = set()
         self._dispatch_scheduled = False
         self._epoch = 0
         self.armed = False
+        """Entries are stored and served: events are flowing."""
+        self._serving = False  # entries are served: armed, or holding through an outage
         self._outcome = metrics.cache_lookups
         self._hits = metrics.cache_lookups["hit"]
         self._evicted = metrics.cache_evictions
@@ -111,7 +126,7 @@ class VerificationCache:
 
         Synchronous and query-free: the verification path tries this before anything else.
         """
-        if not self.armed:
+        if not self._serving:
             return None
         now = self._clock()
         entry = self._positive.get(secret_hash)
@@ -155,13 +170,27 @@ class VerificationCache:
     def arm(self) -> None:
         """Start caching from empty: events are flowing, so every later change will be seen."""
         self._clear()
-        self.armed = True
+        self.armed = self._serving = True
         self._metrics.listener_up.set(1)
 
     def disarm(self) -> None:
         """Stop serving from memory and drop everything: changes may now go unseen."""
-        self.armed = False
+        self.armed = self._serving = False
         self._clear()
+        self._metrics.listener_up.set(0)
+
+    def hold(self) -> None:
+        """Keep serving what is cached, until each entry's staleness deadline; store nothing new.
+
+        For ``--on-database-outage serve-cached``: changes may go unseen now, so an entry may
+        be served after its key was revoked, but never longer than ``max_staleness`` after it
+        was loaded. ``arm`` (events flowing again) starts afresh from empty.
+        """
+        self.armed = False
+        self._serving = True
+        self._epoch += 1  # loads in flight were sent before the gap: never store them
+        self._inflight.clear()
+        self._negative.clear()  # "no such key" may have changed too, and the filter is off
         self._metrics.listener_up.set(0)
 
     def _clear(self) -> None:
@@ -182,6 +211,11 @@ class VerificationCache:
     def _fetch(self, secret_hash: bytes) -> asyncio.Future[KeyRecord | None]:
         future = self._inflight.get(secret_hash)
         if future is None:
+            if len(self._inflight) >= self._max_pending:
+                # The database is not keeping up (or not answering): queueing more callers would
+                # only grow memory and make each wait longer. Refuse this one now.
+                self._outcome["overloaded"].inc()
+                raise LookupsOverloaded()
             future = asyncio.get_running_loop().create_future()
             future.add_done_callback(_consume)
             self._inflight[secret_hash] = future
@@ -198,15 +232,24 @@ class VerificationCache:
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
-        while self._queue and self._loads_running < MAX_CONCURRENT_LOADS:
+        loop = asyncio.get_running_loop()
+        while self._queue and len(self._loads_started) < MAX_CONCURRENT_LOADS:
+            if self._loads_started:
+                waited = self._clock() - self._loads_started[-1]
+                if waited < STALLED_LOAD:  # the newest load may yet answer: let the queue wait
+                    loop.call_later(STALLED_LOAD - waited, self._schedule_dispatch)
+                    return
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            self._loads_running += 1
+            started = self._clock()
+            self._loads_started.append(started)
             # The epoch is taken before the query is sent: any event after this point fences it.
-            fill = asyncio.get_running_loop().create_task(self._fill(batch, self._epoch))
+            fill = loop.create_task(self._fill(batch, self._epoch, started))
             self._fills.add(fill)
             fill.add_done_callback(self._fills.discard)
 
-    async def _fill(self, waiters: list[tuple[bytes, asyncio.Future[KeyRecord | None]]], epoch: int) -> None:
+    async def _fill(
+        self, waiters: list[tuple[bytes, asyncio.Future[KeyRecord | None]]], epoch: int, started: float
+    ) -> None:
         try:
             # A hash can appear twice: a load detached by invalidate() and its fresh replacement.
             hashes = list(dict.fromkeys(secret_hash for secret_hash, _ in waiters))
@@ -233,7 +276,7 @@ class VerificationCache:
                 if not future.done():
                     future.set_result(record)
         finally:
-            self._loads_running -= 1
+            self._loads_started.remove(started)
             if self._queue:
                 # Not at once: first let the callers just answered finish and the loop read
                 # the requests that arrived meanwhile, so that their misses leave in this batch.

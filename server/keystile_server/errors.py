@@ -11,7 +11,9 @@ maps each class to exactly one gRPC status code and ErrorInfo reason::
     ├── KeyNotFound            NOT_FOUND
     ├── AdminKeyExists         FAILED_PRECONDITION
     ├── StoreUnavailable       UNAVAILABLE
-    └── EventsUnavailable      UNAVAILABLE       (WatchKeyEvents: events may be lost; resubscribe)
+    ├── LookupsOverloaded      UNAVAILABLE       (too many lookups already waiting for the database)
+    ├── EventsUnavailable      UNAVAILABLE       (WatchKeyEvents: events may be lost; resubscribe)
+    └── TooManyWatchers        RESOURCE_EXHAUSTED (WatchKeyEvents: --max-watchers streams are open)
 """
 
 from __future__ import annotations
@@ -106,6 +108,26 @@ class StoreUnavailable(KeystileError):
 
     def __init__(self) -> None:
         super().__init__("the key store is unavailable; retry later")
+
+
+class LookupsOverloaded(KeystileError):
+    """Refused at once: as many lookups as allowed are already waiting for the database."""
+
+    reason = "LOOKUPS_OVERLOADED"
+
+    def __init__(self) -> None:
+        super().__init__("too many key lookups are waiting for the database; retry later")
+
+
+class TooManyWatchers(KeystileError):
+    """Refused: this process already serves as many WatchKeyEvents streams as allowed."""
+
+    reason = "TOO_MANY_WATCHERS"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this server already serves {limit} WatchKeyEvents streams; retry later or elsewhere"
+        )
 
 
 class EventsUnavailable(KeystileError):

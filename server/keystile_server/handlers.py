@@ -6,20 +6,21 @@ domain's, and every error leaves through ``rpc_errors``.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 import grpc
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
-from google.protobuf.message import DecodeError
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
+from google.protobuf.message import DecodeError, Message
 
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
-from .errors import StoreUnavailable, violation_error
+from .errors import InvalidArgument, StoreUnavailable, violation_error
 from .model import KeyRecord, KeyState, Verification, VerifyResult
-from .rpc_errors import abort_for, translate_errors, translate_stream_errors
+from .rpc_errors import abort_for, translate_errors
 from .service import KeyService, KeySpec, utc_now
+
+M = TypeVar("M", bound=Message)
 
 _STATES = {
     KeyState.ACTIVE: keys_pb2.KEY_STATE_ACTIVE,
@@ -100,11 +101,25 @@ def key_only(request: bytes) -> bytes | None:
     return None
 
 
-def _verify_request(request: bytes) -> keys_pb2.VerifyKeyRequest:
+def parse_request(message_type: type[M], data: bytes) -> M:
+    """``data`` parsed as ``message_type``; INVALID_ARGUMENT (field ``request``) when it cannot be.
+
+    Every KeyService method takes its request as bytes and parses it here, so that bytes that
+    are not the message (or nest deeper than the parser allows) are a bad request, answered
+    like any other, rather than gRPC's UNKNOWN and a traceback in the log.
+    """
     try:
-        return keys_pb2.VerifyKeyRequest.FromString(request)
+        return message_type.FromString(data)
     except DecodeError as exc:
-        raise violation_error("request", "is not a valid keystile.v1.VerifyKeyRequest") from exc
+        raise violation_error("request", f"is not a valid {message_type.DESCRIPTOR.full_name}") from exc
+
+
+def duration(field: str, value: duration_pb2.Duration) -> timedelta:
+    """A Duration as a timedelta; INVALID_ARGUMENT naming ``field`` when it is out of range."""
+    try:
+        return value.ToTimedelta()
+    except (ValueError, OverflowError) as exc:
+        raise violation_error(field, "is not a valid duration") from exc
 
 
 def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str:
@@ -159,7 +174,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             scopes=list(request.scopes),
             resources=list(request.resources),
             prefix=request.prefix,
-            ttl=request.ttl.ToTimedelta() if request.HasField("ttl") else None,
+            ttl=duration("ttl", request.ttl) if request.HasField("ttl") else None,
             expire_time=_expire_time(request),
             rate_limit_per_minute=request.rate_limit_per_minute,
             metadata=_metadata(request.metadata),
@@ -227,7 +242,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             key = key_only(request)
             verdict = service.verify_cached(key) if key is not None else None
             if verdict is None:
-                parsed = _verify_request(request)
+                parsed = parse_request(keys_pb2.VerifyKeyRequest, request)
                 scopes, resource = parsed.required_scopes, parsed.resource
                 if key is None:  # not tried above: scopes or a resource come with it
                     verdict = service.verify_cached(parsed.key.encode(), scopes, resource)
@@ -243,35 +258,38 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         except Exception as exc:
             await abort_for("VerifyKey", exc, context)
 
-    @translate_stream_errors
-    async def WatchKeyEvents(
+    async def WatchKeyEvents(  # type: ignore[override]  # bytes in, bytes written: see add_to_server
         self,
-        request: keys_pb2.WatchKeyEventsRequest,
-        context: grpc.aio.ServicerContext[keys_pb2.WatchKeyEventsRequest, keys_pb2.WatchKeyEventsResponse],
-    ) -> AsyncIterator[keys_pb2.WatchKeyEventsResponse]:
-        """READY, then an INVALIDATE per batch of changed keys, a HEARTBEAT when idle."""
-        service = self._service()
-        subscription, interval = await service.watch_key_events(
-            request.heartbeat_interval.ToTimedelta() if request.HasField("heartbeat_interval") else None,
-            authorization=_authorization(context),
-        )
+        request: bytes,
+        context: grpc.aio.ServicerContext[bytes, bytes],
+    ) -> None:
+        """READY, then an INVALIDATE per batch of changed keys, a HEARTBEAT when idle.
+
+        Messages are written pre-serialized (one INVALIDATE is shared by every subscriber), and
+        each write can be interrupted by the hub, so a client that stops reading is ended with
+        UNAVAILABLE instead of holding its stream open.
+        """
         try:
-            ready = keys_pb2.WatchKeyEventsResponse(type=keys_pb2.KEY_EVENT_TYPE_READY)
-            ready.heartbeat_interval.FromTimedelta(interval)
-            ready.max_staleness.FromTimedelta(service.max_staleness)
-            yield ready
-            heartbeat = keys_pb2.WatchKeyEventsResponse(type=keys_pb2.KEY_EVENT_TYPE_HEARTBEAT)
-            seconds = interval.total_seconds()
-            while True:
-                batch = await subscription.next_batch(seconds)
-                if batch:
-                    yield keys_pb2.WatchKeyEventsResponse(
-                        type=keys_pb2.KEY_EVENT_TYPE_INVALIDATE, key_hashes=batch
-                    )
-                else:
-                    yield heartbeat
-        finally:
-            subscription.close()
+            service = self._service()
+            parsed = parse_request(keys_pb2.WatchKeyEventsRequest, request)
+            subscription, interval = await service.watch_key_events(
+                duration("heartbeat_interval", parsed.heartbeat_interval)
+                if parsed.HasField("heartbeat_interval")
+                else None,
+                authorization=_authorization(context),
+            )
+            try:
+                ready = keys_pb2.WatchKeyEventsResponse(type=keys_pb2.KEY_EVENT_TYPE_READY)
+                ready.heartbeat_interval.FromTimedelta(interval)
+                ready.max_staleness.FromTimedelta(service.max_staleness)
+                await subscription.write(context.write, ready.SerializeToString())
+                seconds = interval.total_seconds()
+                while True:
+                    await subscription.write(context.write, await subscription.next_message(seconds))
+            finally:
+                subscription.close()
+        except Exception as exc:
+            await abort_for("WatchKeyEvents", exc, context)
 
 
 class _Registration:
@@ -291,17 +309,43 @@ class _Registration:
 
 
 def add_to_server(servicer: KeyServiceHandlers, server: grpc.aio.Server) -> None:
-    """Register KeyService as generated, except that VerifyKey takes and returns serialized bytes.
+    """Register KeyService with every request taken as bytes and parsed by ``parse_request``.
 
-    Most VerifyKey answers are memoized responses; passing their bytes (no response serializer)
-    skips serializing the same message again on every call. Taking the request's bytes (no
-    request deserializer) lets a request that names only a key skip parsing (``key_only``).
+    Bytes that do not parse are then a bad request (INVALID_ARGUMENT naming ``request``), like
+    any other. VerifyKey also returns serialized bytes (no response serializer): most of its
+    answers are memoized responses, and a request that names only a key skips parsing
+    (``key_only``). WatchKeyEvents writes pre-serialized messages shared by all subscribers.
     """
     registration = _Registration()
     keys_pb2_grpc.add_KeyServiceServicer_to_server(servicer, registration)  # type: ignore[arg-type]
     if "VerifyKey" not in registration.table:  # stubs from grpcio-tools < 1.62 only register generically
         raise RuntimeError("keystile.v1 stubs are too old to register; regenerate them with `make proto`")
-    table = dict(registration.table)
-    table["VerifyKey"] = grpc.unary_unary_rpc_method_handler(servicer.VerifyKey)
+    methods = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].methods_by_name
+    raw = {
+        "VerifyKey": grpc.unary_unary_rpc_method_handler(servicer.VerifyKey),
+        "WatchKeyEvents": grpc.unary_stream_rpc_method_handler(servicer.WatchKeyEvents),
+    }
+    table = {
+        name: raw[name]
+        if name in raw
+        else _parsing(name, getattr(keys_pb2, methods[name].input_type.name), handler)
+        for name, handler in registration.table.items()
+    }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(registration.service, table),))
     server.add_registered_method_handlers(registration.service, table)  # type: ignore[attr-defined]
+
+
+def _parsing(
+    name: str, message_type: type[Message], handler: grpc.RpcMethodHandler[Any, Any]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A unary handler that takes the request's bytes and parses them with ``parse_request``."""
+    behavior: Any = handler.unary_unary  # the servicer's async method (typed for sync servers)
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        try:
+            message = parse_request(message_type, request)
+        except InvalidArgument as exc:
+            await abort_for(name, exc, context)
+        return await behavior(message, context)
+
+    return grpc.unary_unary_rpc_method_handler(unary, response_serializer=handler.response_serializer)

@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from .model import VerifyResult
 
-CACHE_OUTCOMES: Final = ("hit", "negative_hit", "miss", "bypass")
+CACHE_OUTCOMES: Final = ("hit", "negative_hit", "miss", "bypass", "overloaded")
 EVICTION_REASONS: Final = ("capacity", "expired", "invalidated", "cleared")
 _LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -75,7 +75,8 @@ class ServerMetrics:
         self.verifications = {r: HotCounter(verifications.labels(r.value)) for r in VerifyResult}
         lookups = Counter(
             "keystile_cache_lookups",
-            "Verification cache lookups: hit, negative_hit (known unknown), miss, bypass (cache off).",
+            "Verification cache lookups: hit, negative_hit (known unknown), miss, bypass (cache off), "
+            "overloaded (refused: too many lookups waiting).",
             ["outcome"],
             registry=reg,
         )

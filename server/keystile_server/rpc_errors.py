@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Final, NoReturn, TypeVar
 
 import grpc
@@ -25,10 +25,13 @@ from .errors import (
     InvalidArgument,
     KeyNotFound,
     KeystileError,
+    LookupsOverloaded,
     PermissionDenied,
     StoreUnavailable,
+    TooManyWatchers,
     Unauthenticated,
 )
+from .log_throttle import LogThrottle
 
 ERROR_DOMAIN: Final = "keystile.dev"
 INTERNAL_REASON: Final = "INTERNAL_ERROR"
@@ -44,6 +47,8 @@ _CODES: Final[dict[type[KeystileError], int]] = {
     AdminKeyExists: code_pb2.FAILED_PRECONDITION,
     StoreUnavailable: code_pb2.UNAVAILABLE,
     EventsUnavailable: code_pb2.UNAVAILABLE,
+    LookupsOverloaded: code_pb2.UNAVAILABLE,
+    TooManyWatchers: code_pb2.RESOURCE_EXHAUSTED,
 }
 
 
@@ -82,20 +87,29 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 Self_ = TypeVar("Self_")
 Method = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], Awaitable[Resp]]
-StreamMethod = Callable[[Self_, Req, grpc.aio.ServicerContext[Req, Resp]], AsyncIterator[Resp]]
+
+
+_throttle = LogThrottle(_log)
+# Expected under load or outage, one per call: worth a line, not a line per call.
+_TRANSIENT: Final = (StoreUnavailable, EventsUnavailable, LookupsOverloaded, TooManyWatchers)
 
 
 async def abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContext[Req, Resp]) -> NoReturn:
-    """End the call with the status for ``exc``; anything unexpected is logged with its traceback.
+    """End the call with the status for ``exc``, logging it at most once per interval per kind.
 
-    The decorators below call this; a method that cannot afford their extra coroutine (VerifyKey)
-    calls it from its own ``except Exception``, so every error still leaves the same way.
+    The decorator below calls this; a method that cannot afford its extra coroutine (VerifyKey)
+    or that takes raw bytes calls it from its own ``except Exception``, so every error leaves
+    the same way. Nothing from the request is logged but the names of the fields at fault.
     """
     if isinstance(exc, KeystileError):
-        if isinstance(exc, StoreUnavailable | EventsUnavailable):
-            _log.warning("%s: %s", name, exc.message)
+        kind = f"{name}:{exc.reason}"
+        if isinstance(exc, _TRANSIENT):
+            _throttle.log(logging.WARNING, kind, "%s: %s", name, exc.message)
+        elif isinstance(exc, InvalidArgument):
+            fields = ", ".join(sorted({v.field.split("[")[0] for v in exc.violations})) or "request"
+            _throttle.log(logging.INFO, kind, "%s: bad request (%s)", name, fields)
         await context.abort_with_status(to_status(exc))  # type: ignore[attr-defined]
-    _log.error("unexpected error in %s", name, exc_info=exc)
+    _throttle.log(logging.ERROR, f"{name}:{type(exc).__name__}", "unexpected error in %s", name, exc_info=exc)
     await context.abort_with_status(to_status(Exception()))  # type: ignore[attr-defined]
     raise AssertionError("unreachable: abort_with_status raises")
 
@@ -107,22 +121,6 @@ def translate_errors(method: Method[Self_, Req, Resp]) -> Method[Self_, Req, Res
     async def wrapper(self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp]) -> Resp:
         try:
             return await method(self, request, context)
-        except Exception as exc:
-            await abort_for(method.__name__, exc, context)
-
-    return wrapper
-
-
-def translate_stream_errors(method: StreamMethod[Self_, Req, Resp]) -> StreamMethod[Self_, Req, Resp]:
-    """``translate_errors`` for server-streaming methods (async generators)."""
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: Self_, request: Req, context: grpc.aio.ServicerContext[Req, Resp]
-    ) -> AsyncIterator[Resp]:
-        try:
-            async for response in method(self, request, context):
-                yield response
         except Exception as exc:
             await abort_for(method.__name__, exc, context)
 

@@ -26,6 +26,7 @@ from psycopg_pool import AsyncConnectionPool
 from keystile.v1 import keys_pb2
 
 from .cache import VerificationCache
+from .connection_limits import FileDescriptorWatch, grpc_server_options, raise_open_file_limit
 from .embedded import EmbeddedPostgres
 from .errors import StoreUnavailable
 from .handlers import KeyServiceHandlers, add_to_server
@@ -35,6 +36,7 @@ from .processes import STOP_SIGNALS, ignore_stop_signals
 from .service import CreatedKey, KeyService
 from .settings import Settings
 from .store import KeyStore, migrate
+from .store.connections import describe_database_error
 from .store.key_events import KeyEventListener
 from .usage import UsageRecorder
 from .watch import KeyEventHub
@@ -45,6 +47,8 @@ KEY_SERVICE_NAME: Final = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].ful
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
+_DOWN_PROBE_INTERVAL: Final = 0.5
+"""Seconds between database probes while it is unreachable: how soon service resumes after."""
 
 
 def build_cache(store: KeyStore, settings: Settings, metrics: ServerMetrics) -> VerificationCache:
@@ -55,6 +59,7 @@ def build_cache(store: KeyStore, settings: Settings, metrics: ServerMetrics) -> 
         negative_max_entries=settings.negative_cache_max_entries,
         max_staleness=settings.max_staleness,
         metrics=metrics,
+        max_pending=settings.max_pending_lookups,
     )
 
 
@@ -137,7 +142,11 @@ class KeystileServer:
         self._serve_metrics = serve_metrics
         self.metrics = ServerMetrics()
         self._metrics_http: Any = None
-        self._events = KeyEventHub()
+        # A subscriber that cannot take a message for max_staleness is of no use to its cache.
+        self._events = KeyEventHub(
+            max_subscribers=settings.max_watchers, stall_timeout=settings.max_staleness
+        )
+        self._fd_watch = FileDescriptorWatch()
         self._cache: VerificationCache | None = None
         self._handlers = KeyServiceHandlers()
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -148,6 +157,7 @@ class KeystileServer:
         self._usage: UsageRecorder | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
+        self._probe_now = asyncio.Event()
         self._database_url = settings.database_url
         # Read once at construction, so a missing or short key file fails before anything starts.
         self._static_admin_key = settings.static_admin_key()
@@ -157,9 +167,8 @@ class KeystileServer:
         if self._database_url is None:
             self._embedded = EmbeddedPostgres(self.settings.data_dir)
             self._database_url = await asyncio.to_thread(self._embedded.start)
-        # so_reuseport off unless we are one of --workers: a second server on a taken port must
-        # fail loudly, not share it silently.
-        server = grpc.aio.server(options=[("grpc.so_reuseport", int(self._reuse_port))])
+        raise_open_file_limit()
+        server = grpc.aio.server(options=grpc_server_options(self.settings, reuse_port=self._reuse_port))
         add_to_server(self._handlers, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
@@ -228,12 +237,12 @@ class KeystileServer:
                     raise
                 break
             except Exception as exc:  # the database is not there yet: keep trying, stay NOT_SERVING
-                _log.warning("database not ready (%s); retrying in %.1fs", type(exc).__name__, delay)
+                _log.warning("database not ready: %s; retrying in %.1fs", describe_database_error(exc), delay)
                 _log.debug("database connection error", exc_info=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
         self._pool = pool
-        store = KeyStore(pool, on_query=self.metrics.count_query)
+        store = KeyStore(pool, on_query=self.metrics.count_query, on_outage=self._database_outage)
         self._store = store
         self._usage = UsageRecorder(store, flush_interval=self.settings.usage_flush_interval)
         cache = self._cache = build_cache(store, self.settings, self.metrics)
@@ -276,32 +285,61 @@ class KeystileServer:
 
     def _events_lost(self) -> None:
         assert self._cache is not None
-        self._cache.disarm()
         self._events.close_all("listener disconnected")
-        _log.warning("key events lost: cache bypassed and watch streams closed until reconnected")
+        if self.settings.on_database_outage == "serve-cached":
+            self._cache.hold()
+            _log.warning(
+                "key events lost: serving cached verdicts (up to --max-staleness %gs old) until reconnected",
+                self.settings.max_staleness,
+            )
+        else:
+            self._cache.disarm()
+            _log.warning("key events lost: cache bypassed and watch streams closed until reconnected")
 
     async def _set_serving(self, serving: bool) -> None:
         for name in ("", KEY_SERVICE_NAME):
             await self._health.set(name, _SERVING if serving else _NOT_SERVING)
 
+    def _database_outage(self, cause: str) -> None:
+        """A statement timed out or no connection came: NOT_SERVING now, and probe often until back."""
+        self._probe_now.set()
+
     async def _watch_database(self) -> None:
-        """Report NOT_SERVING while the database cannot be reached, SERVING once it is back."""
+        """Report NOT_SERVING while the database cannot be reached, SERVING once it is back.
+
+        Each probe must answer within one health interval (or ``--db-timeout``, if shorter), so
+        a database that stops answering turns health NOT_SERVING within two intervals. While it
+        is down, probes run at least every ``_DOWN_PROBE_INTERVAL`` seconds: the first that
+        answers ends the outage, and calls are served again.
+        """
         assert self._store is not None
+        settings = self.settings
+        probe_timeout = min(settings.db_timeout, settings.health_check_interval)
         serving = True
         while True:
-            await asyncio.sleep(self.settings.health_check_interval)
+            interval = settings.health_check_interval
+            if not serving:
+                interval = min(interval, _DOWN_PROBE_INTERVAL)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(interval):
+                    await self._probe_now.wait()
+            if self._probe_now.is_set():
+                self._probe_now.clear()
+                if serving:  # told of an outage: stop advertising at once, then probe
+                    serving = False
+                    await self._set_serving(False)
+                    _log.warning("database unreachable: NOT_SERVING")
             if self._cache is not None:
                 self._cache.report_size()
             self.metrics.publish()
             self.metrics.watchers.set(len(self._events))
+            self._fd_watch.check()
             try:
-                # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation
-                # that lands as the probe answers, and stop() would then wait for this loop forever.
-                async with asyncio.timeout(self.settings.db_timeout):
-                    await self._store.ping()
+                await self._store.ping(probe_timeout)
                 healthy = True
-            except (StoreUnavailable, TimeoutError):
+            except StoreUnavailable as exc:
                 healthy = False
+                _log.debug("health probe failed: %s", describe_database_error(exc))
             if healthy != serving:
                 serving = healthy
                 await self._set_serving(serving)

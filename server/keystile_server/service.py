@@ -139,7 +139,7 @@ class KeyService:
         if verdict.result is VerifyResult.VALID:
             assert verdict.key is not None
             key = verdict.key
-            return Caller(key.id, key.owner_id, key.scopes, key.resources, key.expire_time)
+            return Caller(key.id, key.owner_id, key.scopes, key.resources, key.expire_time, key.secret_hash)
         raise Unauthenticated(_AUTH_FAILURES.get(verdict.result, "CREDENTIALS_UNKNOWN"))
 
     async def create_key(self, spec: KeySpec, *, authorization: str) -> CreatedKey:
@@ -215,9 +215,11 @@ class KeyService:
         errors = Violations()
         canonical = check_key_id(key_id, errors)
         errors.raise_if_any()
-        record = await self._store.get_key(canonical) if canonical else None
-        # Another owner's key answers exactly like an unknown id: no existence oracle.
-        if record is None or not caller.owns(record.owner_id):
+        # Another owner's key answers exactly like an unknown id, in the same time: the owner is
+        # part of the query, so neither finds a row (no existence oracle).
+        owner = None if caller.is_admin else caller.owner_id
+        record = await self._store.get_key(canonical, owner_id=owner) if canonical else None
+        if record is None:
             raise KeyNotFound()
         _log.debug("key read id=%s by=%s", record.id, caller.key_id)
         return record
@@ -297,17 +299,22 @@ class KeyService:
         """Subscribe to key changes, under the same access rule as VerifyKey.
 
         Events carry only key hashes, which tell nothing to anyone who does not already hold the
-        secret, so a caller allowed to verify keys may watch them. Returns the subscription and the
-        heartbeat interval it will keep.
+        secret, so a caller allowed to verify keys may watch them. With ``--verify-auth
+        required`` the stream lasts only as long as the caller's key: it ends when that key
+        changes (the client resubscribes and is authenticated afresh) or expires. Returns the
+        subscription and the heartbeat interval it will keep.
         """
         interval = DEFAULT_HEARTBEAT if heartbeat_interval is None else heartbeat_interval
         if not MIN_HEARTBEAT <= interval <= MAX_HEARTBEAT:
             errors = Violations()
             errors.add("heartbeat_interval", "must be between 1 and 60 seconds")
             errors.raise_if_any()
-        if self.verify_auth_required:
-            require_scope(await self.authenticate(authorization), KEYS_VERIFY)
-        return self._events.subscribe(), interval
+        if not self.verify_auth_required:
+            return self._events.subscribe(), interval
+        caller = await self.authenticate(authorization)
+        require_scope(caller, KEYS_VERIFY)
+        expires = caller.expire_time.timestamp() if caller.expire_time is not None else None
+        return self._events.subscribe(credential=caller.key_hash, credential_expires=expires), interval
 
     def verify_cached(
         self,

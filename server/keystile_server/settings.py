@@ -72,6 +72,22 @@ def _admin_key(text: str) -> str:
     return text.strip()
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must not be negative")
+    return value
+
+
+OUTAGE_MODES: Final = ("fail-closed", "serve-cached")
+
+
+def _outage_mode(text: str) -> str:
+    if text not in OUTAGE_MODES:
+        raise ValueError("must be fail-closed or serve-cached")
+    return text
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -106,7 +122,28 @@ OPTIONS: Final = (
     Option("listen", str, DEFAULT_LISTEN, "host:port the gRPC server binds", "HOST:PORT"),
     Option("pool_min_size", _positive_int, 2, "database connections kept open", "N"),
     Option("pool_max_size", _positive_int, 10, "most database connections at once", "N"),
-    Option("db_timeout", _positive_float, 5.0, "seconds to wait for a database connection", "SECONDS"),
+    Option(
+        "db_timeout",
+        _positive_float,
+        5.0,
+        "seconds any database operation may take (connection, statement, dead-peer detection)",
+        "SECONDS",
+    ),
+    Option(
+        "on_database_outage",
+        _outage_mode,
+        "fail-closed",
+        "while the database is unreachable: fail-closed (UNAVAILABLE), or serve-cached (cached "
+        "verdicts, never older than --max-staleness)",
+        "MODE",
+    ),
+    Option(
+        "max_pending_lookups",
+        _positive_int,
+        1000,
+        "distinct keys waiting for the database at once; beyond it a miss is UNAVAILABLE at once",
+        "N",
+    ),
     Option("default_prefix", _prefix, "ks", "type prefix of new secrets when CreateKey names none", "PREFIX"),
     Option("usage_flush_interval", _positive_float, 1.0, "seconds between last_used_time writes", "SECONDS"),
     Option(
@@ -142,6 +179,49 @@ OPTIONS: Final = (
         "SECONDS",
     ),
     Option(
+        "max_watchers",
+        _positive_int,
+        1000,
+        "WatchKeyEvents streams per process; beyond it RESOURCE_EXHAUSTED",
+        "N",
+    ),
+    Option("max_concurrent_streams", _positive_int, 1000, "concurrent calls per connection", "N"),
+    Option(
+        "max_connection_idle",
+        _positive_float,
+        60.0,
+        "seconds a connection without calls stays open",
+        "SECONDS",
+    ),
+    Option(
+        "max_connection_age",
+        _non_negative_float,
+        3600.0,
+        "seconds before a connection is asked to reconnect (0: never); it gets 30 s to finish its calls",
+        "SECONDS",
+    ),
+    Option(
+        "handshake_timeout",
+        _positive_float,
+        10.0,
+        "seconds a new connection has to complete its TLS and HTTP/2 set-up",
+        "SECONDS",
+    ),
+    Option(
+        "keepalive_time",
+        _positive_float,
+        60.0,
+        "seconds of silence before the server pings a client to see that it is still there",
+        "SECONDS",
+    ),
+    Option(
+        "keepalive_timeout",
+        _positive_float,
+        20.0,
+        "seconds a client has to answer that ping before its connection is closed",
+        "SECONDS",
+    ),
+    Option(
         "metrics_listen", _listen_address, None, "host:port for Prometheus /metrics; unset: off", "HOST:PORT"
     ),
     Option("log_level", _log_level, "INFO", "debug, info, warning or error", "LEVEL"),
@@ -170,6 +250,8 @@ class Settings:
     pool_min_size: int = 2
     pool_max_size: int = 10
     db_timeout: float = 5.0
+    on_database_outage: str = "fail-closed"
+    max_pending_lookups: int = 1000
     default_prefix: str = "ks"
     usage_flush_interval: float = 1.0
     health_check_interval: float = 2.0
@@ -178,6 +260,13 @@ class Settings:
     cache_max_entries: int = 100_000
     negative_cache_max_entries: int = 10_000
     max_staleness: float = 30.0
+    max_watchers: int = 1000
+    max_concurrent_streams: int = 1000
+    max_connection_idle: float = 60.0
+    max_connection_age: float = 3600.0
+    handshake_timeout: float = 10.0
+    keepalive_time: float = 60.0
+    keepalive_timeout: float = 20.0
     metrics_listen: str | None = None
     log_level: str = "INFO"
     verify_auth: str = "open"

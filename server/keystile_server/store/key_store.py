@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, Final, TypeVar
 
 import psycopg
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from ..errors import StoreUnavailable
 from ..model import KeyRecord, NewKey, PageCursor
+from .connections import GuardedPool, Query, bounded_conninfo
 
-_log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 _COLUMNS: Final = (
@@ -33,6 +30,7 @@ _INSERT: Final = f"""
     RETURNING {_COLUMNS}
 """
 _BY_ID: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %s"
+_BY_ID_OWNED: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %s AND owner_id = %s"
 # One statement for a whole batch of cache misses: ~10x the lookups/s of one query per key.
 _BY_HASHES: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE secret_hash = ANY(%s)"
 
@@ -103,15 +101,23 @@ def _record(row: Sequence[Any]) -> KeyRecord:
 
 
 class KeyStore:
-    """Key persistence over an async connection pool that the caller opens and closes."""
+    """Key persistence over an async connection pool that the caller opens and closes.
+
+    Every statement goes through a ``GuardedPool``: bounded by ``timeout`` seconds (the pool's
+    own timeout unless given), and refused at once while the database is known unreachable.
+    """
 
     def __init__(
         self,
         pool: AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]],
         *,
         on_query: Callable[[str], None] | None = None,
+        timeout: float | None = None,
+        on_outage: Callable[[str], None] | None = None,
     ) -> None:
-        self._pool = pool
+        self.guard = GuardedPool(
+            pool, timeout=timeout if timeout is not None else pool.timeout, on_outage=on_outage
+        )
         # Told the name of every statement run: the server counts them for /metrics.
         self._on_query = on_query or _ignore
 
@@ -119,9 +125,13 @@ class KeyStore:
     def create_pool(
         cls, conninfo: str, *, min_size: int, max_size: int, timeout: float
     ) -> AsyncConnectionPool[psycopg.AsyncConnection[TupleRow]]:
-        """A closed pool configured for keystile; open it with ``await pool.open()``."""
+        """A closed pool configured for keystile; open it with ``await pool.open()``.
+
+        ``timeout`` bounds taking a connection, and is also the statement timeout the server
+        enforces and the TCP timeouts that detect a dead peer (see ``connections``).
+        """
         return AsyncConnectionPool(
-            conninfo,
+            bounded_conninfo(conninfo, timeout),
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
@@ -130,39 +140,19 @@ class KeyStore:
             kwargs={"autocommit": True, "application_name": "keystile"},
         )
 
-    @asynccontextmanager
-    async def _connection(self, operation: str) -> AsyncIterator[psycopg.AsyncConnection[TupleRow]]:
-        """A pooled connection; unreachable-database failures surface as StoreUnavailable."""
+    @property
+    def outage(self) -> str:
+        """Why the database is deemed unreachable right now; "" while it is not."""
+        return self.guard.outage
+
+    async def _run(self, operation: str, query: Query[T], *, read: bool) -> T:
+        """Run one statement through the guard; reads are retried once on a dead connection."""
         self._on_query(operation)
-        try:
-            async with self._pool.connection() as conn:
-                yield conn
-        except psycopg.OperationalError as exc:
-            # Connection refused, dropped, or no connection free in time: the answer is unknown.
-            _log.warning("database unavailable: %s", type(exc).__name__)
-            raise StoreUnavailable() from exc
+        return await self.guard.run(operation, query, retry=read)
 
-    async def _read(
-        self, operation: str, query: Callable[[psycopg.AsyncConnection[TupleRow]], Awaitable[T]]
-    ) -> T:
-        """Run a read-only query, retrying once on a connection that turned out to be dead.
-
-        After a database restart the pool may still hold connections to the old server; a read
-        is safe to repeat, and the pool discards the broken connection before the retry.
-        """
-        try:
-            async with self._connection(operation) as conn:
-                return await query(conn)
-        except StoreUnavailable as exc:
-            if isinstance(exc.__cause__, PoolTimeout):
-                raise  # no connection came in time: waiting again would only double the delay
-            async with self._connection(operation) as conn:
-                return await query(conn)
-
-    async def ping(self) -> None:
-        """Round-trip to the database; raise StoreUnavailable when it cannot be reached."""
-        async with self._connection("ping") as conn:
-            await conn.execute("SELECT 1")
+    async def ping(self, timeout: float | None = None) -> None:
+        """Round-trip to the database, even during an outage (it ends one); StoreUnavailable if not."""
+        await self.guard.probe(self.guard.timeout if timeout is None else timeout)
 
     async def insert_key(self, new: NewKey) -> KeyRecord:
         """Insert a validated key and return it as stored."""
@@ -180,21 +170,36 @@ class KeyStore:
             "expire_time": new.expire_time,
             "created_by": new.created_by,
         }
-        async with self._connection("insert_key") as conn:
+
+        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord:
             cur = await conn.execute(_INSERT, params)
             row = await cur.fetchone()
-        assert row is not None
-        return _record(row)
+            assert row is not None
+            return _record(row)
 
-    async def get_key(self, key_id: str) -> KeyRecord | None:
-        """The key with this id, or None."""
+        return await self._run("insert_key", query, read=False)
+
+    async def get_key(self, key_id: str, *, owner_id: str | None = None) -> KeyRecord | None:
+        """The key with this id, or None; with ``owner_id``, only if that owner holds it.
+
+        The owner is part of the statement, so another owner's key costs exactly what an
+        unknown id costs: no row comes back either way (no timing oracle).
+        """
+        sql, params = (
+            (_BY_ID, (uuid.UUID(key_id),))
+            if owner_id is None
+            else (
+                _BY_ID_OWNED,
+                (uuid.UUID(key_id), owner_id),
+            )
+        )
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord | None:
-            cur = await conn.execute(_BY_ID, (uuid.UUID(key_id),))
+            cur = await conn.execute(sql, params)
             row = await cur.fetchone()
             return _record(row) if row else None
 
-        return await self._read("get_key", query)
+        return await self._run("get_key", query, read=True)
 
     async def find_by_hashes(self, secret_hashes: Sequence[bytes]) -> dict[bytes, KeyRecord]:
         """The keys whose secrets hash to any of ``secret_hashes``, by hash; unknown ones are absent."""
@@ -204,7 +209,7 @@ class KeyStore:
             records = (_record(row) for row in await cur.fetchall())
             return {record.secret_hash: record for record in records}
 
-        return await self._read("find_by_hashes", query)
+        return await self._run("find_by_hashes", query, read=True)
 
     async def list_keys(
         self, owner_id: str, *, active_at: datetime | None, after: PageCursor | None, limit: int
@@ -223,7 +228,7 @@ class KeyStore:
             cur = await conn.execute(sql, params)
             return [_record(row) for row in await cur.fetchall()]
 
-        return await self._read("list_keys", query)
+        return await self._run("list_keys", query, read=True)
 
     async def revoke_key(self, key_id: str, reason: str | None, *, owner_id: str | None) -> KeyRecord | None:
         """Revoke the key (idempotently) and return it; None when no such key exists.
@@ -232,10 +237,13 @@ class KeyStore:
         and reported as missing.
         """
         params = {"id": uuid.UUID(key_id), "reason": reason, "owner_id": owner_id}
-        async with self._connection("revoke_key") as conn:
+
+        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord | None:
             cur = await conn.execute(_REVOKE if owner_id is None else _REVOKE_OWNED, params)
             row = await cur.fetchone()
-        return _record(row) if row else None
+            return _record(row) if row else None
+
+        return await self._run("revoke_key", query, read=False)
 
     async def has_active_admin_key(self, now: datetime) -> bool:
         """Whether any key granting ``admin`` is neither revoked nor expired at ``now``."""
@@ -245,7 +253,7 @@ class KeyStore:
             row = await cur.fetchone()
             return bool(row and row[0])
 
-        return await self._read("has_active_admin_key", query)
+        return await self._run("has_active_admin_key", query, read=True)
 
     async def record_usage(self, used: dict[str, datetime], *, min_interval_seconds: float) -> None:
         """Set last_used_time for many keys in one statement, skipping keys written too recently."""
@@ -253,8 +261,11 @@ class KeyStore:
             return
         ids = [uuid.UUID(key_id) for key_id in used]
         params = {"ids": ids, "used": list(used.values()), "min_secs": min_interval_seconds}
-        async with self._connection("record_usage") as conn:
+
+        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> None:
             await conn.execute(_RECORD_USAGE, params)
+
+        await self._run("record_usage", query, read=False)
 
     async def server_secret(self, name: str) -> bytes:
         """A server-wide secret created by a migration (such as the page-token signing key)."""
@@ -266,4 +277,4 @@ class KeyStore:
                 raise RuntimeError(f"server secret {name!r} is missing; run `keystile migrate`")
             return bytes(row[0])
 
-        return await self._read("server_secret", query)
+        return await self._run("server_secret", query, read=True)
