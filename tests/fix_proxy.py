@@ -3,7 +3,9 @@
 Servers under test connect through it; ``cut()`` closes every connection and refuses new
 ones, ``restore()`` listens again on the same port. ``freeze()`` stops forwarding without
 closing anything (a network that silently drops packets), ``thaw()`` resumes. Works for TCP
-servers and Unix-socket servers (the embedded PostgreSQL) alike.
+servers and Unix-socket servers (the embedded PostgreSQL) alike. ``blackhole_existing()`` stops
+forwarding on the connections open now but lets new ones through, as after a failover or a
+dropped conntrack entry: the peer is silent, not gone, and nothing tells the client.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class PgProxy:
         self._flowing = threading.Event()
         self._flowing.set()
         self._sockets: set[socket.socket] = set()
+        self._per_connection: list[threading.Event] = []  # one per connection: set while it flows
         self._listener: socket.socket | None = None
         self.port = 0
         self.restore()
@@ -57,15 +60,20 @@ class PgProxy:
             except OSError:
                 client.close()
                 continue
+            flows = threading.Event()
+            flows.set()
             with self._lock:
                 self._sockets.update((client, upstream))
+                self._per_connection.append(flows)
             for src, dst in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+                threading.Thread(target=self._pump, args=(src, dst, flows), daemon=True).start()
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, flows: threading.Event) -> None:
         try:
             while data := src.recv(65536):
-                self._flowing.wait()  # frozen: hold the bytes, as a black-holed route would
+                # Frozen or black-holed: hold the bytes, as a silent route would.
+                self._flowing.wait()
+                flows.wait()
                 dst.sendall(data)
         except OSError:
             pass
@@ -98,8 +106,21 @@ class PgProxy:
         """Deliver bytes again (including those held while frozen)."""
         self._flowing.set()
 
+    def blackhole_existing(self) -> None:
+        """Stop delivering bytes on every connection open now; new connections flow as usual."""
+        with self._lock:
+            for flows in self._per_connection:
+                flows.clear()
+
+    def release_blackhole(self) -> None:
+        """Deliver bytes on the black-holed connections again."""
+        with self._lock:
+            for flows in self._per_connection:
+                flows.set()
+
     def close(self) -> None:
         self.thaw()
+        self.release_blackhole()
         self.cut()
 
 

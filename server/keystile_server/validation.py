@@ -144,7 +144,20 @@ def check_metadata(metadata: dict[str, Any], errors: Violations) -> dict[str, An
         return metadata
     if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
         errors.add("metadata", f"must be at most {MAX_METADATA_BYTES} bytes serialized as JSON")
+    elif _holds_nul(metadata):  # PostgreSQL's jsonb, like its text, cannot hold U+0000
+        errors.add("metadata", "must not contain the NUL character (U+0000)")
     return metadata
+
+
+def _holds_nul(value: object) -> bool:
+    """Whether any key or string in a JSON value contains U+0000."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_holds_nul(item) for item in value)
+    return False
 
 
 def check_reason(reason: str, errors: Violations) -> str | None:

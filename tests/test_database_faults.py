@@ -1,0 +1,225 @@
+"""A database that stops answering never stalls keystile: every call gets an answer in bounded time.
+
+Faults come from a real TCP proxy between the server and PostgreSQL (tests/fix_proxy.py):
+black-holed connections (silent, not closed: a failover or a dropped conntrack entry), a frozen
+network (nothing flows, new connections included), and a stopped database (refused).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from collections.abc import Callable
+
+import grpc
+import pytest
+from fix_proxy import PgProxy
+from fix_server import RunningServer, eventually, server_settings
+from grpc_health.v1 import health_pb2
+
+import keystile
+from keystile._format import generate_key
+from keystile.v1 import keys_pb2
+from keystile_server.settings import Settings
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+DB_TIMEOUT = 1.0
+HEALTH_INTERVAL = 0.5
+SLACK = 1.0
+"""The issue's bound: every call is answered within --db-timeout + 1 s."""
+
+
+def fault_settings(proxy: PgProxy, **changes: object) -> Settings:
+    return server_settings(
+        proxy.conninfo, **{"db_timeout": DB_TIMEOUT, "health_check_interval": HEALTH_INTERVAL, **changes}
+    )
+
+
+def timed_verifications(address: str, keys: list[str]) -> list[tuple[float, str]]:
+    """Verify ``keys`` all at once; each call's seconds and outcome (a result name or an error reason)."""
+
+    def one(key: str) -> tuple[float, str]:
+        started = time.monotonic()
+        with keystile.Client(address, timeout=30) as client:
+            try:
+                outcome = keys_pb2.VerifyResult.Name(client.verify_key(key).result)
+            except keystile.KeystileError as exc:
+                outcome = f"{exc.code.name}:{exc.reason}"
+        return time.monotonic() - started, outcome
+
+    with concurrent.futures.ThreadPoolExecutor(len(keys)) as pool:
+        return list(pool.map(one, keys))
+
+
+def test_black_holed_connections_answer_every_miss_in_bounded_time_and_flip_health(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
+) -> None:
+    running = start_server(fault_settings(pg_proxy, pool_min_size=2, pool_max_size=4))
+    with running.client() as client:
+        created = client.create_key(owner, "real")
+    pg_proxy.freeze()  # every connection silent, new ones too: nothing can answer
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        misses = pool.submit(timed_verifications, running.address, [generate_key("ks") for _ in range(20)])
+        took = eventually(lambda: running.health() == NOT_SERVING, timeout=10, interval=0.02)
+        assert took < 2 * HEALTH_INTERVAL + 0.5, took
+        for seconds, outcome in misses.result():
+            assert seconds < DB_TIMEOUT + SLACK, (seconds, outcome)
+            assert outcome.startswith("UNAVAILABLE"), outcome
+    # Known down: later calls fail at once instead of each waiting out the timeout.
+    seconds, outcome = timed_verifications(running.address, [generate_key("ks")])[0]
+    assert outcome == "UNAVAILABLE:DATABASE_UNAVAILABLE" and seconds < 0.5
+
+    pg_proxy.thaw()
+    cleared = time.monotonic()
+    with running.client(timeout=5) as client:
+        eventually(lambda: _valid(client, created.secret), timeout=5, interval=0.05)
+    assert time.monotonic() - cleared < 2.0 + SLACK
+    eventually(lambda: running.health() == SERVING, timeout=5)
+    running.stop()
+
+
+def _valid(client: keystile.Client, secret: str) -> bool:
+    try:
+        return client.verify_key(secret).result == keys_pb2.VERIFY_RESULT_VALID
+    except keystile.UnavailableError:
+        return False
+
+
+def test_a_silent_connection_is_discarded_and_a_fresh_one_answers(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
+) -> None:
+    """Only the open connections are black-holed: keystile drops them and reconnects by itself."""
+    running = start_server(fault_settings(pg_proxy, pool_min_size=1, pool_max_size=4))
+    with running.client() as client:
+        created = client.create_key(owner, "survivor")
+    pg_proxy.blackhole_existing()
+    results = timed_verifications(running.address, [generate_key("ks") for _ in range(5)])
+    assert all(seconds < DB_TIMEOUT + SLACK for seconds, _ in results), results
+    # Health saw the stall; fresh connections then answer, with no restart and no operator.
+    with running.client(timeout=5) as client:
+        eventually(lambda: _valid(client, created.secret), timeout=DB_TIMEOUT + 2 * HEALTH_INTERVAL + 3)
+    eventually(lambda: running.health() == SERVING, timeout=5)
+    pg_proxy.release_blackhole()
+    running.stop()
+
+
+def test_one_stuck_lookup_does_not_hold_up_the_next(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
+) -> None:
+    running = start_server(
+        fault_settings(pg_proxy, pool_min_size=1, pool_max_size=4, health_check_interval=30)
+    )
+    with running.client() as client:
+        created = client.create_key(owner, "behind a stuck lookup")
+    pg_proxy.blackhole_existing()  # the one pooled connection (and the listener) go silent
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stuck = pool.submit(timed_verifications, running.address, [generate_key("ks")])
+        time.sleep(0.2)  # the first lookup is now waiting on the silent connection
+        started = time.monotonic()
+        second = timed_verifications(running.address, [created.secret])[0]
+        assert not stuck.done() or second[0] < DB_TIMEOUT, "the second lookup waited for the first"
+        assert stuck.result()[0][0] < DB_TIMEOUT + SLACK
+    # The second took a fresh connection instead of queueing behind the stuck one.
+    assert second[1] in ("VERIFY_RESULT_VALID", "UNAVAILABLE:DATABASE_UNAVAILABLE"), second
+    assert time.monotonic() - started < DB_TIMEOUT + SLACK
+    pg_proxy.release_blackhole()
+    running.stop()
+
+
+def test_waiting_lookups_are_bounded_and_the_rest_refused_at_once(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy
+) -> None:
+    running = start_server(fault_settings(pg_proxy, max_pending_lookups=5, health_check_interval=30))
+    pg_proxy.freeze()
+    results = timed_verifications(running.address, [generate_key("ks") for _ in range(30)])
+    overloaded = [seconds for seconds, outcome in results if outcome == "UNAVAILABLE:LOOKUPS_OVERLOADED"]
+    waited = [seconds for seconds, outcome in results if outcome == "UNAVAILABLE:DATABASE_UNAVAILABLE"]
+    assert len(overloaded) + len(waited) == 30, results
+    assert overloaded and len(waited) >= 1
+    assert max(overloaded) < 0.5, "a refused lookup is refused at once, not queued"
+    assert max(waited) < DB_TIMEOUT + SLACK
+    pg_proxy.thaw()
+    running.stop()
+
+
+def test_a_stopped_database_is_unavailable_fast_after_the_first_failure(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
+) -> None:
+    running = start_server(fault_settings(pg_proxy))
+    with running.client() as client:
+        created = client.create_key(owner, "outlives the outage")
+    pg_proxy.cut()  # refused, like a stopped PostgreSQL
+    first = timed_verifications(running.address, [generate_key("ks")])[0]
+    assert first[1].startswith("UNAVAILABLE") and first[0] < DB_TIMEOUT + SLACK
+    eventually(lambda: running.health() == NOT_SERVING, timeout=5)
+    for seconds, outcome in timed_verifications(running.address, [generate_key("ks") for _ in range(10)]):
+        assert outcome == "UNAVAILABLE:DATABASE_UNAVAILABLE" and seconds < 1.0, (seconds, outcome)
+    with running.client() as client, pytest.raises(keystile.UnavailableError):
+        client.get_key(created.key.id)
+
+    pg_proxy.restore()
+    restored = time.monotonic()
+    with running.client(timeout=5) as client:
+        eventually(lambda: _valid(client, created.secret), timeout=5, interval=0.05)
+    assert time.monotonic() - restored < 2.0 + SLACK
+    running.stop()
+
+
+@pytest.mark.parametrize("mode", ["fail-closed", "serve-cached"])
+def test_outage_mode_decides_whether_cached_keys_are_served(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str, mode: str
+) -> None:
+    running = start_server(fault_settings(pg_proxy, on_database_outage=mode, max_staleness=3.0))
+    with running.client() as client:
+        cached = client.create_key(owner, "cached").secret
+        uncached = client.create_key(owner, "never verified").secret
+        time.sleep(0.3)  # let the creations' events pass: a load racing an event is not stored
+        loaded = time.monotonic()
+        hits = running.metrics()["keystile_cache_lookups_total{outcome=hit}"]
+        for _ in range(2):
+            assert client.verify_key(cached).result == keys_pb2.VERIFY_RESULT_VALID
+        assert running.metrics()["keystile_cache_lookups_total{outcome=hit}"] == hits + 1
+    pg_proxy.cut()
+    eventually(lambda: running.metrics()["keystile_key_listener_up"] == 0, timeout=5)
+    with running.client(timeout=5) as client:
+        if mode == "serve-cached":
+            assert client.verify_key(cached).result == keys_pb2.VERIFY_RESULT_VALID
+        else:
+            with pytest.raises(keystile.UnavailableError):
+                client.verify_key(cached)
+        # Never NOT_FOUND for what the database might hold: UNAVAILABLE in either mode.
+        for key in (uncached, generate_key("ks")):
+            with pytest.raises(keystile.UnavailableError):
+                client.verify_key(key)
+        # Never beyond --max-staleness from when it was loaded, whatever the mode.
+        time.sleep(max(0.0, 3.0 - (time.monotonic() - loaded)) + 0.1)
+        with pytest.raises(keystile.UnavailableError):
+            client.verify_key(cached)
+    pg_proxy.restore()
+    with running.client(timeout=5) as client:
+        eventually(lambda: _valid(client, cached), timeout=5, interval=0.05)
+    running.stop()
+
+
+def test_management_calls_are_bounded_too(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
+) -> None:
+    running = start_server(fault_settings(pg_proxy, health_check_interval=30))
+    with running.client() as client:
+        created = client.create_key(owner, "managed")
+    pg_proxy.freeze()
+    with running.client(timeout=30) as client:
+        for call in (
+            lambda: client.get_key(created.key.id),
+            lambda: client.list_keys(owner),
+            lambda: client.create_key(owner, "during the freeze"),
+            lambda: client.revoke_key(created.key.id),
+        ):
+            started = time.monotonic()
+            with pytest.raises(keystile.UnavailableError) as caught:
+                call()
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < DB_TIMEOUT + SLACK
+    pg_proxy.thaw()
+    running.stop()
