@@ -191,13 +191,21 @@ def fresh(
 ) -> Iterator[Callable[..., RunningServer]]:
     """Start servers of the test's own on ``module_db_url`` (counters from zero), settings changed.
 
-    Each is returned once its cache is armed (its LISTEN connection is up), and stopped after the test.
+    Each is returned once its cache is armed (its LISTEN connection is up) and its key filter
+    loaded, and stopped after the test.
     """
     started: list[RunningServer] = []
 
     def start(**changes: Any) -> RunningServer:
-        running = start_server(server_settings(module_db_url, **changes))
-        eventually(lambda: running.metrics()["keystile_key_listener_up"] == 1)
+        settings = server_settings(module_db_url, **changes)
+        running = start_server(settings)
+
+        def armed() -> bool:
+            metrics = running.metrics()
+            filtered = not settings.key_filter or metrics["keystile_key_filter_ready"] == 1
+            return metrics["keystile_key_listener_up"] == 1 and filtered
+
+        eventually(armed)
         started.append(running)
         return running
 

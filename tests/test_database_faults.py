@@ -7,14 +7,16 @@ network (nothing flows, new connections included), and a stopped database (refus
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
+import hashlib
 import time
 from collections.abc import Callable
 
 import grpc
 import pytest
 from fix_proxy import PgProxy
-from fix_server import RunningServer, eventually, server_settings
+from fix_server import AioLoop, RunningServer, eventually, server_settings
 from grpc_health.v1 import health_pb2
 
 import keystile
@@ -34,6 +36,19 @@ def fault_settings(proxy: PgProxy, **changes: object) -> Settings:
     return server_settings(
         proxy.conninfo, **{"db_timeout": DB_TIMEOUT, "health_check_interval": HEALTH_INTERVAL, **changes}
     )
+
+
+def uncached_keys(server: RunningServer, owner: str, n: int) -> list[str]:
+    """Secrets of ``n`` real keys that no cache holds yet: verifying one needs the database.
+
+    (Unknown keys would not do: the key filter answers them without the database.) Returns once
+    the server has heard every creation event, so that the fault cannot swallow one.
+    """
+    events = server.metrics()["keystile_key_events_total"]
+    with server.client() as client:
+        secrets_ = [client.create_key(owner, f"uncached {i}").secret for i in range(n)]
+    eventually(lambda: server.metrics()["keystile_key_events_total"] >= events + n)
+    return secrets_
 
 
 def timed_verifications(address: str, keys: list[str]) -> list[tuple[float, str]]:
@@ -58,16 +73,17 @@ def test_black_holed_connections_answer_every_miss_in_bounded_time_and_flip_heal
     running = start_server(fault_settings(pg_proxy, pool_min_size=2, pool_max_size=4))
     with running.client() as client:
         created = client.create_key(owner, "real")
+    keys = uncached_keys(running, owner, 21)
     pg_proxy.freeze()  # every connection silent, new ones too: nothing can answer
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        misses = pool.submit(timed_verifications, running.address, [generate_key("ks") for _ in range(20)])
+        misses = pool.submit(timed_verifications, running.address, keys[:20])
         took = eventually(lambda: running.health() == NOT_SERVING, timeout=10, interval=0.02)
         assert took < 2 * HEALTH_INTERVAL + 0.5, took
         for seconds, outcome in misses.result():
             assert seconds < DB_TIMEOUT + SLACK, (seconds, outcome)
             assert outcome.startswith("UNAVAILABLE"), outcome
     # Known down: later calls fail at once instead of each waiting out the timeout.
-    seconds, outcome = timed_verifications(running.address, [generate_key("ks")])[0]
+    seconds, outcome = timed_verifications(running.address, keys[20:])[0]
     assert outcome == "UNAVAILABLE:DATABASE_UNAVAILABLE" and seconds < 0.5
 
     pg_proxy.thaw()
@@ -93,8 +109,9 @@ def test_a_silent_connection_is_discarded_and_a_fresh_one_answers(
     running = start_server(fault_settings(pg_proxy, pool_min_size=1, pool_max_size=4))
     with running.client() as client:
         created = client.create_key(owner, "survivor")
+    keys = uncached_keys(running, owner, 5)
     pg_proxy.blackhole_existing()
-    results = timed_verifications(running.address, [generate_key("ks") for _ in range(5)])
+    results = timed_verifications(running.address, keys)
     assert all(seconds < DB_TIMEOUT + SLACK for seconds, _ in results), results
     # Health saw the stall; fresh connections then answer, with no restart and no operator.
     with running.client(timeout=5) as client:
@@ -104,35 +121,54 @@ def test_a_silent_connection_is_discarded_and_a_fresh_one_answers(
     running.stop()
 
 
-def test_one_stuck_lookup_does_not_hold_up_the_next(
-    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
-) -> None:
-    running = start_server(
-        fault_settings(pg_proxy, pool_min_size=1, pool_max_size=4, health_check_interval=30)
-    )
-    with running.client() as client:
-        created = client.create_key(owner, "behind a stuck lookup")
-    pg_proxy.blackhole_existing()  # the one pooled connection (and the listener) go silent
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        stuck = pool.submit(timed_verifications, running.address, [generate_key("ks")])
-        time.sleep(0.2)  # the first lookup is now waiting on the silent connection
+def test_one_stuck_lookup_does_not_hold_up_the_next(aio: AioLoop) -> None:
+    """A load that has not answered in STALLED_LOAD seconds no longer holds the queue behind it."""
+    from keystile_server.cache import STALLED_LOAD, VerificationCache
+    from keystile_server.metrics import ServerMetrics
+
+    stuck, other = hashlib.sha256(b"stuck").digest(), hashlib.sha256(b"other").digest()
+
+    async def scenario() -> tuple[list[list[bytes]], float, bool]:
+        never = asyncio.Event()
+        loads: list[list[bytes]] = []
+
+        async def load(hashes: list[bytes]) -> dict[bytes, object]:
+            loads.append(list(hashes))
+            if stuck in hashes:
+                await never.wait()  # a statement on a silent connection
+            return {}
+
+        cache = VerificationCache(
+            load,  # type: ignore[arg-type]
+            max_entries=10,
+            negative_max_entries=10,
+            max_staleness=60,
+            metrics=ServerMetrics(),
+        )
+        cache.arm()
+        first = asyncio.create_task(cache.get(stuck))
+        await asyncio.sleep(STALLED_LOAD * 2)
         started = time.monotonic()
-        second = timed_verifications(running.address, [created.secret])[0]
-        assert not stuck.done() or second[0] < DB_TIMEOUT, "the second lookup waited for the first"
-        assert stuck.result()[0][0] < DB_TIMEOUT + SLACK
-    # The second took a fresh connection instead of queueing behind the stuck one.
-    assert second[1] in ("VERIFY_RESULT_VALID", "UNAVAILABLE:DATABASE_UNAVAILABLE"), second
-    assert time.monotonic() - started < DB_TIMEOUT + SLACK
-    pg_proxy.release_blackhole()
-    running.stop()
+        async with asyncio.timeout(5):
+            await cache.get(other)
+        answered_in = time.monotonic() - started
+        still_stuck = not first.done()
+        first.cancel()
+        return loads, answered_in, still_stuck
+
+    loads, answered_in, still_stuck = aio.run(scenario())
+    assert loads == [[stuck], [other]], "the second miss left in a load of its own"
+    assert still_stuck
+    assert answered_in < 1.0, answered_in
 
 
 def test_waiting_lookups_are_bounded_and_the_rest_refused_at_once(
-    start_server: Callable[..., RunningServer], pg_proxy: PgProxy
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
 ) -> None:
     running = start_server(fault_settings(pg_proxy, max_pending_lookups=5, health_check_interval=30))
+    keys = uncached_keys(running, owner, 30)
     pg_proxy.freeze()
-    results = timed_verifications(running.address, [generate_key("ks") for _ in range(30)])
+    results = timed_verifications(running.address, keys)
     overloaded = [seconds for seconds, outcome in results if outcome == "UNAVAILABLE:LOOKUPS_OVERLOADED"]
     waited = [seconds for seconds, outcome in results if outcome == "UNAVAILABLE:DATABASE_UNAVAILABLE"]
     assert len(overloaded) + len(waited) == 30, results
@@ -149,11 +185,12 @@ def test_a_stopped_database_is_unavailable_fast_after_the_first_failure(
     running = start_server(fault_settings(pg_proxy))
     with running.client() as client:
         created = client.create_key(owner, "outlives the outage")
+    keys = uncached_keys(running, owner, 11)
     pg_proxy.cut()  # refused, like a stopped PostgreSQL
-    first = timed_verifications(running.address, [generate_key("ks")])[0]
+    first = timed_verifications(running.address, keys[:1])[0]
     assert first[1].startswith("UNAVAILABLE") and first[0] < DB_TIMEOUT + SLACK
     eventually(lambda: running.health() == NOT_SERVING, timeout=5)
-    for seconds, outcome in timed_verifications(running.address, [generate_key("ks") for _ in range(10)]):
+    for seconds, outcome in timed_verifications(running.address, keys[1:]):
         assert outcome == "UNAVAILABLE:DATABASE_UNAVAILABLE" and seconds < 1.0, (seconds, outcome)
     with running.client() as client, pytest.raises(keystile.UnavailableError):
         client.get_key(created.key.id)

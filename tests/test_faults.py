@@ -91,6 +91,8 @@ def test_unexpected_database_errors_are_generic_internal(
     url = make_database()
     running = start_server(server_settings(url))
     try:
+        with running.client() as client:
+            uncached = client.create_key(owner, "never verified").secret
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("ALTER TABLE keystile.keys RENAME COLUMN name TO name_gone")
         with running.client() as client, pytest.raises(keystile.InternalError) as info:
@@ -101,7 +103,7 @@ def test_unexpected_database_errors_are_generic_internal(
         assert "name" not in info.value.message and "column" not in str(info.value)
         # VerifyKey translates its errors inline (not through the decorator): the same answer.
         with running.client() as client, pytest.raises(keystile.InternalError) as info:
-            client.verify_key(keystile.generate_key("ks"))
+            client.verify_key(uncached)
         assert (info.value.message, info.value.reason) == ("internal error", "INTERNAL_ERROR")
         assert "column" not in str(info.value)
     finally:

@@ -6,6 +6,8 @@ Why each part exists:
   judged per call from the snapshot, so an entry never outlives its key's ``expire_time``). Revoked
   keys are cached too: revocation is final. Verdicts the service derives from a snapshot are kept
   on its entry, so they leave the cache with it and need no bookkeeping of their own.
+- **The key filter** (``key_filter.py``) answers hashes that certainly match no key without a
+  query, so a flood of distinct unknown keys costs no database work.
 - **Negative entries** remember well-formed hashes that matched no key, in a separate, smaller
   bound, so that a client hammering one bad key costs the database nothing. A key created later
   evicts its negative entry through the same event as a revocation.
@@ -37,6 +39,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from .errors import LookupsOverloaded
+from .key_filter import KeyFilter
 from .metrics import ServerMetrics
 from .model import KeyRecord
 
@@ -92,9 +95,11 @@ class VerificationCache:
         max_staleness: float,
         metrics: ServerMetrics,
         max_pending: int = 1000,
+        key_filter: KeyFilter | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._load = load
+        self._filter = key_filter
         self._max_pending = max_pending
         self._max_entries = max_entries
         self._negative_max_entries = negative_max_entries
@@ -148,7 +153,14 @@ class VerificationCache:
         return None
 
     async def load(self, secret_hash: bytes) -> KeyRecord | None:
-        """Fetch from the database (joining a load in flight), caching the answer when allowed."""
+        """Fetch from the database (joining a load in flight), caching the answer when allowed.
+
+        A hash the key filter has certainly never seen is answered None without a query (the
+        filter is trusted only while events flow, as the cache is).
+        """
+        if self.armed and self._filter is not None and not self._filter.might_contain(secret_hash):
+            self._outcome["filtered"].inc()
+            return None
         self._outcome["miss" if self.armed else "bypass"].inc()
         return await self._fetch(secret_hash)
 

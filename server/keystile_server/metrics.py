@@ -23,7 +23,7 @@ from prometheus_client.registry import Collector
 
 from .model import VerifyResult
 
-CACHE_OUTCOMES: Final = ("hit", "negative_hit", "miss", "bypass", "overloaded")
+CACHE_OUTCOMES: Final = ("hit", "negative_hit", "filtered", "miss", "bypass", "overloaded")
 EVICTION_REASONS: Final = ("capacity", "expired", "invalidated", "cleared")
 _LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -75,7 +75,8 @@ class ServerMetrics:
         self.verifications = {r: HotCounter(verifications.labels(r.value)) for r in VerifyResult}
         lookups = Counter(
             "keystile_cache_lookups",
-            "Verification cache lookups: hit, negative_hit (known unknown), miss, bypass (cache off), "
+            "Verification cache lookups: hit, negative_hit (known unknown), filtered (certainly unknown, "
+            "no query), miss, bypass (cache off), "
             "overloaded (refused: too many lookups waiting).",
             ["outcome"],
             registry=reg,
@@ -121,6 +122,24 @@ class ServerMetrics:
             "1 while the LISTEN connection is live and the cache serves; 0 while it is bypassed.",
             registry=reg,
             multiprocess_mode="livemin",
+        )
+        self.key_filter_keys = Gauge(
+            "keystile_key_filter_keys",
+            "Key hashes in this process's filter of stored keys.",
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
+        self.key_filter_ready = Gauge(
+            "keystile_key_filter_ready",
+            "1 while the filter of stored keys is loaded and consulted; 0 while unknown keys are looked up.",
+            registry=reg,
+            multiprocess_mode="livemin",
+        )
+        self.key_filter_bytes = Gauge(
+            "keystile_key_filter_bytes",
+            "Memory held by this process's filter of stored keys.",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.watchers = Gauge(
             "keystile_watch_subscribers",

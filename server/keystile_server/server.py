@@ -30,6 +30,7 @@ from .connection_limits import FileDescriptorWatch, grpc_server_options, raise_o
 from .embedded import EmbeddedPostgres
 from .errors import StoreUnavailable
 from .handlers import KeyServiceHandlers, add_to_server
+from .key_filter import KeyFilter
 from .metrics import ServerMetrics
 from .page_tokens import PageTokenCodec
 from .processes import STOP_SIGNALS, ignore_stop_signals
@@ -51,7 +52,9 @@ _DOWN_PROBE_INTERVAL: Final = 0.5
 """Seconds between database probes while it is unreachable: how soon service resumes after."""
 
 
-def build_cache(store: KeyStore, settings: Settings, metrics: ServerMetrics) -> VerificationCache:
+def build_cache(
+    store: KeyStore, settings: Settings, metrics: ServerMetrics, key_filter: KeyFilter | None = None
+) -> VerificationCache:
     """A disarmed verification cache over the store, sized from settings."""
     return VerificationCache(
         store.find_by_hashes,
@@ -60,6 +63,7 @@ def build_cache(store: KeyStore, settings: Settings, metrics: ServerMetrics) -> 
         max_staleness=settings.max_staleness,
         metrics=metrics,
         max_pending=settings.max_pending_lookups,
+        key_filter=key_filter,
     )
 
 
@@ -148,6 +152,7 @@ class KeystileServer:
         )
         self._fd_watch = FileDescriptorWatch()
         self._cache: VerificationCache | None = None
+        self._filter: KeyFilter | None = None
         self._handlers = KeyServiceHandlers()
         self._health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._grpc: grpc.aio.Server | None = None
@@ -245,7 +250,8 @@ class KeystileServer:
         store = KeyStore(pool, on_query=self.metrics.count_query, on_outage=self._database_outage)
         self._store = store
         self._usage = UsageRecorder(store, flush_interval=self.settings.usage_flush_interval)
-        cache = self._cache = build_cache(store, self.settings, self.metrics)
+        self._filter = KeyFilter(store.count_keys, store.hash_page) if self.settings.key_filter else None
+        cache = self._cache = build_cache(store, self.settings, self.metrics, self._filter)
         cache.disarm()
         self._handlers.service = await build_service(
             store,
@@ -273,6 +279,8 @@ class KeystileServer:
 
     def _key_changed(self, secret_hash: bytes, lag: float) -> None:
         assert self._cache is not None
+        if self._filter is not None:  # before the cache: a created key must never be filtered out
+            self._filter.add(secret_hash)
         self._cache.invalidate(secret_hash)
         self._events.publish(secret_hash)
         self.metrics.key_events.inc()
@@ -280,11 +288,15 @@ class KeystileServer:
 
     def _events_flowing(self) -> None:
         assert self._cache is not None
+        if self._filter is not None:
+            self._filter.start()
         self._cache.arm()
         self._events.open()
 
     def _events_lost(self) -> None:
         assert self._cache is not None
+        if self._filter is not None:
+            self._filter.stop()
         self._events.close_all("listener disconnected")
         if self.settings.on_database_outage == "serve-cached":
             self._cache.hold()
@@ -331,6 +343,10 @@ class KeystileServer:
                     _log.warning("database unreachable: NOT_SERVING")
             if self._cache is not None:
                 self._cache.report_size()
+            if self._filter is not None:
+                self.metrics.key_filter_ready.set(int(self._filter.ready))
+                self.metrics.key_filter_keys.set(self._filter.keys)
+                self.metrics.key_filter_bytes.set(self._filter.size_bytes)
             self.metrics.publish()
             self.metrics.watchers.set(len(self._events))
             self._fd_watch.check()
@@ -354,6 +370,8 @@ class KeystileServer:
         self._events.close_all("server shutting down")
         if self._grpc is not None:
             await self._grpc.stop(self.settings.shutdown_grace)
+        if self._filter is not None:
+            self._filter.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

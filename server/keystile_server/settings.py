@@ -88,6 +88,12 @@ def _outage_mode(text: str) -> str:
     return text
 
 
+def _on_off(text: str) -> bool:
+    if text.lower() not in {"on", "off", "true", "false", "1", "0"}:
+        raise ValueError("must be on or off")
+    return text.lower() in {"on", "true", "1"}
+
+
 def _log_level(text: str) -> str:
     level = text.upper()
     if level not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -170,6 +176,14 @@ OPTIONS: Final = (
         10_000,
         "unknown key hashes remembered per process; 0 remembers none",
         "N",
+    ),
+    Option(
+        "key_filter",
+        _on_off,
+        True,
+        "keep a filter of every stored key hash in memory (about 2-4 bytes a key), so unknown keys "
+        "cost no query; off: look each one up",
+        "on|off",
     ),
     Option(
         "max_staleness",
@@ -259,6 +273,7 @@ class Settings:
     workers: int = 1
     cache_max_entries: int = 100_000
     negative_cache_max_entries: int = 10_000
+    key_filter: bool = True
     max_staleness: float = 30.0
     max_watchers: int = 1000
     max_concurrent_streams: int = 1000

@@ -34,6 +34,10 @@ _BY_ID_OWNED: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %s AND o
 # One statement for a whole batch of cache misses: ~10x the lookups/s of one query per key.
 _BY_HASHES: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE secret_hash = ANY(%s)"
 
+_HASH_PAGE: Final = (
+    "SELECT secret_hash FROM keystile.keys WHERE secret_hash > %s ORDER BY secret_hash LIMIT %s"
+)
+
 # Revoking twice keeps the first time and reason: SET expressions see the row's old values.
 _REVOKE_SET: Final = """
     UPDATE keystile.keys
@@ -266,6 +270,25 @@ class KeyStore:
             await conn.execute(_RECORD_USAGE, params)
 
         await self._run("record_usage", query, read=False)
+
+    async def count_keys(self) -> int:
+        """How many keys are stored (any state)."""
+
+        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> int:
+            cur = await conn.execute("SELECT count(*) FROM keystile.keys")
+            row = await cur.fetchone()
+            return int(row[0]) if row else 0
+
+        return await self._run("count_keys", query, read=True)
+
+    async def hash_page(self, after: bytes, limit: int) -> list[bytes]:
+        """Up to ``limit`` stored key hashes greater than ``after``, in order (the unique index's)."""
+
+        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> list[bytes]:
+            cur = await conn.execute(_HASH_PAGE, (after, limit))
+            return [bytes(row[0]) for row in await cur.fetchall()]
+
+        return await self._run("hash_page", query, read=True)
 
     async def server_secret(self, name: str) -> bytes:
         """A server-wide secret created by a migration (such as the page-token signing key)."""
