@@ -324,3 +324,40 @@ def test_no_secret_in_logs_errors_or_exceptions(
         assert secret not in everything
         random_part = secret.rsplit("_", 1)[-1]
         assert random_part[8:] not in everything
+
+
+@pytest.mark.parametrize("role", ["writer", "reader", "verifier", "unprivileged", "admin"])
+def test_admin_keys_are_out_of_every_tenants_reach(server: RunningServer, db: Db, role: str) -> None:
+    """A non-admin key of the owner "admin" (the bootstrap keys' owner) cannot see or revoke admin keys."""
+    owner = "admin"
+    scopes = {
+        "writer": ["keys:write"],
+        "reader": ["keys:read"],
+        "verifier": ["keys:verify"],
+        "unprivileged": ["jobs:read"],
+        "admin": ["admin"],
+    }[role]
+    with server.client() as static_admin:
+        bootstrap_like = static_admin.create_key(owner, f"admin key {uuid.uuid4().hex[:6]}", scopes=["admin"])
+        tenant_key = static_admin.create_key(owner, "ordinary key", scopes=["jobs:read"])
+        caller = static_admin.create_key(owner, role, scopes=scopes)
+    before = db.snapshot()
+    with server.client(api_key=caller.secret) as client:
+        if role == "admin":
+            assert client.get_key(bootstrap_like.key.id).id == bootstrap_like.key.id
+            listed = [k.id for k in client.list_keys(owner, page_size=500).keys]
+            assert bootstrap_like.key.id in listed
+            return
+        can_read = role in ("writer", "reader")
+        with pytest.raises(keystile.NotFoundError if can_read else keystile.PermissionDeniedError):
+            client.get_key(bootstrap_like.key.id)
+        if can_read:
+            assert client.get_key(tenant_key.key.id).id == tenant_key.key.id  # the tenant's own: fine
+            listed = [k.id for k in client.list_keys(owner, page_size=500, include_inactive=True).keys]
+            assert tenant_key.key.id in listed and bootstrap_like.key.id not in listed
+            assert not any("admin" in k.scopes for k in client.list_keys(owner, page_size=500).keys)
+        with pytest.raises(keystile.NotFoundError if role == "writer" else keystile.PermissionDeniedError):
+            client.revoke_key(bootstrap_like.key.id, reason="takeover")
+    assert db.snapshot() == before, "a refused call changed the table"
+    with server.client(api_key=bootstrap_like.secret) as still_admin:
+        assert still_admin.get_key(bootstrap_like.key.id).state == keys_pb2.KEY_STATE_ACTIVE

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import re
+import secrets
 import sys
 from pathlib import Path
 
@@ -129,10 +130,53 @@ def test_every_proto_element_is_commented() -> None:
             assert text[i - 1].strip().startswith("//"), f"line {i + 1} has no comment: {stripped}"
 
 
+@pytest.mark.parametrize(
+    "weak",
+    [
+        "a" * 32,
+        "abcdefghij" * 4,
+        "password-password-password-12345",
+        "0123456789" * 4,
+        "keystile-admin-keystile-admin-keystile",
+    ],
+)
+def test_an_obviously_guessable_admin_secret_is_refused(weak: str, tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"KEYSTILE_ADMIN_KEY: is too predictable.*token_urlsafe"):
+        Settings.resolve(None, {"KEYSTILE_ADMIN_KEY": weak})
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(weak)
+    with pytest.raises(SettingsError, match="admin-key-file: is too predictable"):
+        Settings(admin_key_file=key_file).static_admin_key()
+
+
+def test_generated_admin_secrets_are_accepted() -> None:
+    for _ in range(2000):
+        for secret in (secrets.token_hex(16), secrets.token_urlsafe(24), secrets.token_urlsafe(32)):
+            assert Settings.resolve(None, {"KEYSTILE_ADMIN_KEY": secret}).admin_key == secret
+
+
+def test_secret_files_readable_by_others_are_reported(tmp_path: Path) -> None:
+    key_file = tmp_path / "admin.key"
+    key_file.write_text(secrets.token_urlsafe(32))
+    tls_key = tmp_path / "tls.key"
+    tls_key.write_text("not checked here")
+    key_file.chmod(0o600)
+    tls_key.chmod(0o600)
+    settings = Settings(admin_key_file=key_file, tls_cert=tls_key, tls_key=tls_key)
+    assert settings.exposed_secret_files() == []
+    key_file.chmod(0o644)
+    tls_key.chmod(0o640)
+    warnings = settings.exposed_secret_files()
+    assert len(warnings) == 2
+    assert any("--admin-key-file" in w and "0644" in w and "chmod 600" in w for w in warnings)
+    assert any("--tls-key" in w and "0640" in w for w in warnings)
+    assert not any(key_file.read_text() in w for w in warnings)
+
+
 def test_static_admin_key_rules(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="KEYSTILE_ADMIN_KEY: must be at least 32"):
         Settings.resolve(None, {"KEYSTILE_ADMIN_KEY": "short"})
-    secret = "s" * 40
+    secret = secrets.token_urlsafe(32)
     key_file = tmp_path / "admin.key"
     key_file.write_text(secret + "\n")
     settings = Settings.resolve(None, {"KEYSTILE_ADMIN_KEY_FILE": str(key_file)})

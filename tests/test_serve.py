@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from fix_server import ADMIN_KEY, BIN, ServeProcess, postgres_for, run_cli
+from fix_server import ADMIN_KEY, BIN, ServeProcess, free_port, postgres_for, run_cli
 
 import keystile
 
@@ -240,3 +240,29 @@ def test_taken_port_fails_loudly(served: ServeProcess, tmp_path: Path, database_
     )
     assert clash.returncode == 1
     assert "cannot listen" in clash.stderr
+
+
+@pytest.mark.parametrize("command", ["migrate", "bootstrap"])
+def test_database_commands_say_why_in_one_line(command: str, tmp_path: Path) -> None:
+    url = f"postgresql://keystile:hunter2-secret@127.0.0.1:{free_port()}/keystile"
+    result = run_cli(command, "--database-url", url, "--data-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "hunter2" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot {command}:"), result.stderr
+    assert "refused" in lines[0].lower()
+
+
+def test_serve_logs_why_the_database_is_not_ready(tmp_path: Path) -> None:
+    url = f"postgresql://keystile:hunter2-secret@127.0.0.1:{free_port()}/keystile"
+    served = ServeProcess("--database-url", url, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while "database not ready" not in served.log() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        served.stop()
+    log = served.log()
+    line = next(line for line in log.splitlines() if "database not ready" in line)
+    assert "Connection refused" in line and "127.0.0.1" in line
+    assert "hunter2" not in log and "Traceback" not in log

@@ -41,7 +41,11 @@ class Caller:
         return ADMIN_SCOPE in self.scopes
 
     def owns(self, owner_id: str) -> bool:
-        """Whether this caller may act on keys of ``owner_id``."""
+        """Whether this caller may act on keys of ``owner_id``.
+
+        Even its own owner's keys that grant ``admin`` are out of a non-admin's reach: every read
+        and revocation made for a tenant leaves them out (``_TENANT_REACH`` in the store).
+        """
         return self.is_admin or owner_id == self.owner_id
 
 

@@ -19,6 +19,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+import psycopg
 from google.protobuf import json_format
 
 from keystile import Client, KeystileError
@@ -228,6 +229,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         url = embedded.start()
     try:
         applied = asyncio.run(migrate(url))
+    except psycopg.Error as exc:
+        return _database_error("cannot migrate", exc)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -235,8 +238,16 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _database_error(what: str, exc: BaseException) -> int:
+    """One line on stderr saying why the database could not be used (never a password)."""
+    from .store.connections import describe_database_error
+
+    sys.stderr.write(f"error: {what}: {describe_database_error(exc)}\n")
+    return EXIT_ERROR
+
+
 def _cmd_bootstrap(args: argparse.Namespace) -> int:
-    from .errors import AdminKeyExists
+    from .errors import AdminKeyExists, StoreUnavailable
     from .server import bootstrap_admin
 
     settings = Settings.resolve(args, os.environ)
@@ -245,6 +256,8 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
         created = asyncio.run(
             bootstrap_admin(settings, owner_id=args.owner, name=args.name, force=args.force)
         )
+    except (psycopg.Error, StoreUnavailable) as exc:
+        return _database_error("cannot bootstrap", exc)
     except AdminKeyExists:
         if args.if_missing:
             print("keystile: an admin key already exists; not creating another (use your stored key)")

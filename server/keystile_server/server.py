@@ -166,6 +166,8 @@ class KeystileServer:
         self._database_url = settings.database_url
         # Read once at construction, so a missing or short key file fails before anything starts.
         self._static_admin_key = settings.static_admin_key()
+        for warning in settings.exposed_secret_files():
+            _log.warning("%s", warning)
 
     async def start(self) -> None:
         """Bind the port and begin connecting to the database in the background."""

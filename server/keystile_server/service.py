@@ -243,7 +243,11 @@ class KeyService:
         )
         # One extra row tells whether another page exists without a second query.
         rows = await self._store.list_keys(
-            owner_id, active_at=None if include_inactive else utc_now(), after=after, limit=limit + 1
+            owner_id,
+            active_at=None if include_inactive else utc_now(),
+            after=after,
+            limit=limit + 1,
+            tenant=not caller.is_admin,
         )
         keys, more = rows[:limit], len(rows) > limit
         token = ""

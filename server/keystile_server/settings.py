@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import stat
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +69,34 @@ def _verify_auth(text: str) -> str:
 MIN_ADMIN_KEY_LENGTH: Final = 32
 
 
+MIN_ADMIN_KEY_BITS: Final = 64
+_GENERATE_COMMAND: Final = "python3 -c 'import secrets; print(secrets.token_urlsafe(32))'"
+
+
+def looks_random(secret: str) -> bool:
+    """Whether ``secret`` could plausibly be random: a screen for the obviously guessable.
+
+    No test can prove a string random; this one refuses what a person types instead of
+    generating: few distinct characters, a repeated pattern or word, or less than
+    ``MIN_ADMIN_KEY_BITS`` of Shannon entropy over its characters. A hex or base64 secret of
+    128 random bits or more passes.
+    """
+    counts = Counter(secret)
+    length = len(secret)
+    bits = -sum(n * math.log2(n / length) for n in counts.values())
+    periodic = any(secret[p:] == secret[:-p] for p in range(1, length // 2 + 1))
+    grams = [secret[i : i + 4] for i in range(length - 3)]
+    repetitive = len(set(grams)) < 0.75 * len(grams)  # "password-password-..." and the like
+    return len(counts) >= 6 and bits >= MIN_ADMIN_KEY_BITS and not periodic and not repetitive
+
+
 def _admin_key(text: str) -> str:
-    if len(text.strip()) < MIN_ADMIN_KEY_LENGTH:
+    secret = text.strip()
+    if len(secret) < MIN_ADMIN_KEY_LENGTH:
         raise ValueError(f"must be at least {MIN_ADMIN_KEY_LENGTH} characters")
-    return text.strip()
+    if not looks_random(secret):
+        raise ValueError(f"is too predictable to guard every key; generate one: {_GENERATE_COMMAND}")
+    return secret
 
 
 def _non_negative_float(text: str) -> float:
@@ -300,6 +327,23 @@ class Settings:
             raise SettingsError("--tls-client-ca needs --tls-cert and --tls-key")
         if self.admin_key is not None and self.admin_key_file is not None:
             raise SettingsError("give KEYSTILE_ADMIN_KEY or KEYSTILE_ADMIN_KEY_FILE, not both")
+
+    def exposed_secret_files(self) -> list[str]:
+        """Warnings for files holding secrets (TLS key, admin key) that other users may read."""
+        warnings = []
+        for flag, path in (("--tls-key", self.tls_key), ("--admin-key-file", self.admin_key_file)):
+            if path is None:
+                continue
+            try:
+                mode = path.stat().st_mode
+            except OSError:
+                continue  # reading it fails with its own clear error
+            if mode & (stat.S_IRGRP | stat.S_IROTH):
+                warnings.append(
+                    f"{flag} {path} is readable by other users (mode {stat.S_IMODE(mode):04o}); "
+                    f"restrict it: chmod 600 {path}"
+                )
+        return warnings
 
     def static_admin_key(self) -> str | None:
         """The static admin secret, read from its file when one is named (never logged)."""

@@ -29,8 +29,12 @@ _INSERT: Final = f"""
             %(resources)s, %(metadata)s, %(rate_limit_per_minute)s, %(expire_time)s, %(created_by)s)
     RETURNING {_COLUMNS}
 """
-_BY_ID: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %s"
-_BY_ID_OWNED: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %s AND owner_id = %s"
+# What a tenant (a non-admin caller) can reach: its owner's keys, except keys granting admin.
+# Keys that administer keystile are out of every tenant's reach, whatever their owner (the
+# bootstrap keys' owner is "admin", and nothing stops a tenant of that name from existing).
+_TENANT_REACH: Final = "owner_id = %(owner_id)s AND NOT ('admin' = ANY(scopes))"
+_BY_ID: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %(id)s"
+_BY_ID_OWNED: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %(id)s AND {_TENANT_REACH}"
 # One statement for a whole batch of cache misses: ~10x the lookups/s of one query per key.
 _BY_HASHES: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE secret_hash = ANY(%s)"
 
@@ -45,7 +49,7 @@ _REVOKE_SET: Final = """
            revoke_reason = CASE WHEN revoke_time IS NULL THEN %(reason)s ELSE revoke_reason END
 """
 _REVOKE: Final = f"{_REVOKE_SET} WHERE id = %(id)s RETURNING {_COLUMNS}"
-_REVOKE_OWNED: Final = f"{_REVOKE_SET} WHERE id = %(id)s AND owner_id = %(owner_id)s RETURNING {_COLUMNS}"
+_REVOKE_OWNED: Final = f"{_REVOKE_SET} WHERE id = %(id)s AND {_TENANT_REACH} RETURNING {_COLUMNS}"
 _HAS_ADMIN: Final = """
     SELECT EXISTS (
         SELECT 1 FROM keystile.keys
@@ -53,19 +57,21 @@ _HAS_ADMIN: Final = """
     )
 """
 
-# Four fixed statements rather than one with "x IS NULL OR ..." branches, so that each gets a
-# plan that walks the (owner_id, create_time DESC, id DESC) index.
+# Fixed statements rather than one with "x IS NULL OR ..." branches, so that each gets a plan
+# that walks the (owner_id, create_time DESC, id DESC) index.
 _ACTIVE_FILTER: Final = "AND revoke_time IS NULL AND (expire_time IS NULL OR expire_time > %(now)s)"
 _AFTER_FILTER: Final = "AND (create_time, id) < (%(after_time)s, %(after_id)s)"
 _LIST: Final = {
-    (active, paged): f"""
+    (active, paged, tenant): f"""
         SELECT {_COLUMNS} FROM keystile.keys
-         WHERE owner_id = %(owner_id)s {_ACTIVE_FILTER if active else ""} {_AFTER_FILTER if paged else ""}
+         WHERE {_TENANT_REACH if tenant else "owner_id = %(owner_id)s"}
+               {_ACTIVE_FILTER if active else ""} {_AFTER_FILTER if paged else ""}
          ORDER BY create_time DESC, id DESC
          LIMIT %(limit)s
     """
     for active in (False, True)
     for paged in (False, True)
+    for tenant in (False, True)
 }
 
 # One statement per flush for every key used in it; the WHERE clause keeps writes to at most one a
@@ -184,19 +190,13 @@ class KeyStore:
         return await self._run("insert_key", query, read=False)
 
     async def get_key(self, key_id: str, *, owner_id: str | None = None) -> KeyRecord | None:
-        """The key with this id, or None; with ``owner_id``, only if that owner holds it.
+        """The key with this id, or None; with ``owner_id``, only if it is in that tenant's reach.
 
         The owner is part of the statement, so another owner's key costs exactly what an
         unknown id costs: no row comes back either way (no timing oracle).
         """
-        sql, params = (
-            (_BY_ID, (uuid.UUID(key_id),))
-            if owner_id is None
-            else (
-                _BY_ID_OWNED,
-                (uuid.UUID(key_id), owner_id),
-            )
-        )
+        sql = _BY_ID if owner_id is None else _BY_ID_OWNED
+        params = {"id": uuid.UUID(key_id), "owner_id": owner_id}
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord | None:
             cur = await conn.execute(sql, params)
@@ -216,17 +216,24 @@ class KeyStore:
         return await self._run("find_by_hashes", query, read=True)
 
     async def list_keys(
-        self, owner_id: str, *, active_at: datetime | None, after: PageCursor | None, limit: int
+        self,
+        owner_id: str,
+        *,
+        active_at: datetime | None,
+        after: PageCursor | None,
+        limit: int,
+        tenant: bool = False,
     ) -> list[KeyRecord]:
         """Up to ``limit`` of an owner's keys, newest first, strictly after ``after``.
 
-        ``active_at`` set means only keys neither revoked nor expired at that instant.
+        ``active_at`` set means only keys neither revoked nor expired at that instant;
+        ``tenant`` (a non-admin caller) leaves out keys granting admin.
         """
         params: dict[str, Any] = {"owner_id": owner_id, "limit": limit, "now": active_at}
         if after is not None:
             params["after_time"] = after.create_time
             params["after_id"] = uuid.UUID(after.id)
-        sql = _LIST[(active_at is not None, after is not None)]
+        sql = _LIST[(active_at is not None, after is not None, tenant)]
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> list[KeyRecord]:
             cur = await conn.execute(sql, params)
@@ -237,8 +244,8 @@ class KeyStore:
     async def revoke_key(self, key_id: str, reason: str | None, *, owner_id: str | None) -> KeyRecord | None:
         """Revoke the key (idempotently) and return it; None when no such key exists.
 
-        With ``owner_id`` only a key of that owner is revoked; another owner's key is left alone
-        and reported as missing.
+        With ``owner_id`` only a key in that tenant's reach is revoked; another owner's key (or an
+        admin key) is left alone and reported as missing.
         """
         params = {"id": uuid.UUID(key_id), "reason": reason, "owner_id": owner_id}
 

@@ -15,11 +15,13 @@ from importlib import resources
 from typing import Final
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 _log = logging.getLogger(__name__)
 
 # Any constant works as long as it is ours alone; this is "keystile" in ASCII, truncated to 63 bits.
 MIGRATION_LOCK_ID: Final = 0x6B657973_74696C65 & 0x7FFFFFFFFFFFFFFF
+CONNECT_TIMEOUT: Final = 10
 _FILE_RE: Final = re.compile(r"\A(\d{4})_([a-z0-9_]+)\.sql\Z")
 
 
@@ -48,7 +50,11 @@ def available_migrations() -> list[Migration]:
 
 async def migrate(conninfo: str) -> list[int]:
     """Apply every missing migration; return the versions this call applied (often none)."""
-    async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as conn:
+    # Connecting is bounded (an unreachable host fails in seconds, not minutes); the migration
+    # itself is not: a large ALTER may take as long as it takes.
+    params = conninfo_to_dict(conninfo)
+    params.setdefault("connect_timeout", CONNECT_TIMEOUT)
+    async with await psycopg.AsyncConnection.connect(make_conninfo("", **params), autocommit=True) as conn:
         await conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_ID,))
         try:
             return await _apply_missing(conn)
