@@ -265,7 +265,13 @@ def wait_serving(address: str, timeout: float = 60) -> None:
 class ServeProcess:
     """`keystile serve` in a subprocess: the command users run."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> None:
+    def __init__(
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(cwd or ".") / f"serve-{self.port}.log"
@@ -276,6 +282,7 @@ class ServeProcess:
             stderr=subprocess.STDOUT,
             env={**os.environ, "KEYSTILE_ADMIN_KEY": ADMIN_KEY, **(env or {})},
             cwd=cwd,
+            preexec_fn=preexec_fn,
         )
 
     def wait_serving(self, timeout: float = 60) -> None:

@@ -18,6 +18,7 @@ are gone, new clients cannot connect at all while health still says SERVING. So:
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import resource
@@ -75,10 +76,15 @@ def raise_open_file_limit() -> int:
 
 
 def open_file_count() -> int | None:
-    """How many descriptors this process holds (None where /proc is not available)."""
+    """How many descriptors this process holds (None where /proc is not available).
+
+    Listing them takes a descriptor too: when none is left, that failure is the answer.
+    """
     try:
         return len(os.listdir("/proc/self/fd"))
-    except OSError:
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return int(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
         return None
 
 
@@ -97,8 +103,8 @@ class FileDescriptorWatch:
         self._throttle.log(
             logging.WARNING,
             "fd-limit",
-            "open files: %d of the limit of %d; new connections will soon be refused. Raise the "
-            "limit (ulimit -n, LimitNOFILE=), or lower --max-connection-idle / --handshake-timeout",
+            "open files: %d of the limit of %d; new connections are refused at the limit. Raise it "
+            "(ulimit -n, LimitNOFILE=), or lower --max-connection-idle and --handshake-timeout",
             used,
             limit,
         )
