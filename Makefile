@@ -43,6 +43,10 @@ test: $(STAMP) ## run the whole test suite (embedded PostgreSQL, or KEYSTILE_TES
 bench: $(STAMP) ## benchmark scenario (< 2 min): writes bench/results/latest.json and latest.png
 	$(BIN)/python bench/run.py
 
+.PHONY: chaos
+chaos: $(STAMP) ## faults and abuse at full scale (~8 min): writes bench/results/chaos.json
+	$(BIN)/python bench/chaos.py
+
 $(BUF):
 	mkdir -p .tools
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)

@@ -91,7 +91,7 @@ def free_port() -> int:
 class Served:
     """A `keystile serve` subprocess and its metrics port."""
 
-    def __init__(self, url: str, name: str, *args: str) -> None:
+    def __init__(self, url: str, name: str, *args: str, preexec_fn: Callable[[], None] | None = None) -> None:
         self.name = name
         self.address = f"127.0.0.1:{free_port()}"
         self.metrics_address = f"127.0.0.1:{free_port()}"
@@ -113,6 +113,7 @@ class Served:
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, "KEYSTILE_ADMIN_KEY": ADMIN_KEY},
+            preexec_fn=preexec_fn,
         )
         self.process = psutil.Process(self.proc.pid)
 

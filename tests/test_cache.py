@@ -481,6 +481,8 @@ def test_a_silently_dead_network_disarms_the_cache_and_fails_closed(
                 client.verify_key(created.secret)
             proxy.thaw()
             eventually(lambda: server.metrics()["keystile_key_listener_up"] == 1, timeout=15)
+            # The pool's outage ends with the next probe (every 0.5 s while down).
+            eventually(lambda: server.health() == 1, timeout=5)
             assert client.verify_key(created.secret).result == VALID
     finally:
         server.stop()

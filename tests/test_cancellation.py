@@ -15,8 +15,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from keystile_server.server import KeystileServer
-from keystile_server.settings import Settings
+from keystile_server.database_health import DatabaseHealth
 from keystile_server.watch import KeyEventHub
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -74,16 +73,24 @@ class _Store:
 
 def test_the_database_health_loop_stops_when_cancelled() -> None:
     store = _Store()
-    server = KeystileServer(Settings(health_check_interval=0.001, db_timeout=5))
-    server._store = store  # type: ignore[assignment]
+
+    async def set_serving(serving: bool) -> None:
+        pass
 
     def answer() -> None:
         assert store.pong is not None
         store.pong.set_result(None)
 
-    asyncio.run(
-        cancel_as_it_finishes(server._watch_database(), parked=lambda: store.pong is not None, finish=answer)
-    )
+    async def scenario() -> None:
+        health = DatabaseHealth(
+            store,  # type: ignore[arg-type]
+            interval=0.001,
+            db_timeout=5,
+            set_serving=set_serving,
+        )
+        await cancel_as_it_finishes(health.run(), parked=lambda: store.pong is not None, finish=answer)
+
+    asyncio.run(scenario())
 
 
 def test_no_code_of_ours_uses_asyncio_wait_for() -> None:

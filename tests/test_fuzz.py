@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -30,7 +31,8 @@ SERVICE = "/keystile.v1.KeyService/"
 UNARY = ("CreateKey", "GetKey", "ListKeys", "RevokeKey", "VerifyKey")
 FORBIDDEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 FUZZ = settings(
-    max_examples=400,
+    # make chaos raises this to fuzz at scale (22,500 each); the suite runs a few hundred.
+    max_examples=int(os.environ.get("KEYSTILE_FUZZ_EXAMPLES", "400")),
     deadline=None,
     database=None,  # nothing written to the checkout
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

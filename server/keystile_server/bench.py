@@ -71,6 +71,8 @@ class LoadSpec:
     certificate_chain: bytes | None = None
     server_pid: int | None = None
     """A local server's process id: its CPU time over the measured window is reported too."""
+    rate: float = 0.0
+    """Calls per second to offer in all (paced evenly over the calls in flight); 0: as fast as possible."""
 
 
 @dataclass(slots=True)
@@ -260,10 +262,20 @@ async def _drive(spec: LoadSpec, index: int, position: int, concurrency: int, re
         measure_from = time.perf_counter() + spec.warmup
         stop_at = measure_from + spec.duration
 
+        # With a rate, each of the calls in flight sends its share on a fixed schedule (an open
+        # loop, as pgbench --rate): a slow answer delays that worker, not the schedule.
+        interval = spec.concurrency / spec.rate if spec.rate else 0.0
+
         async def worker(offset: int) -> None:
             nonlocal calls, errors
             position = offset
+            next_at = time.perf_counter() + interval * offset / concurrency
             while True:
+                if interval:
+                    pause = next_at - time.perf_counter()
+                    if pause > 0:
+                        await asyncio.sleep(pause)
+                    next_at += interval
                 started = time.perf_counter()
                 if started >= stop_at:
                     return
@@ -367,12 +379,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--owner", default="keystile-bench", help="owner of the keys the run creates")
     parser.add_argument("--keep-keys", action="store_true", help="do not revoke the run's keys afterwards")
     parser.add_argument("--cpus", default="", help="pin load processes to these CPUs, such as 1 or 2,3")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="calls per second to offer, paced (default: as fast as possible)",
+    )
 
 
 def run_command(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     """``keystile bench``: create keys as the mix needs, run the load, report, clean up."""
     if args.concurrency < 1 or args.processes < 1 or args.duration <= 0 or args.keys < 1:
         raise ValueError("--concurrency, --processes, --keys and --duration must be positive")
+    if args.rate < 0:
+        raise ValueError("--rate must not be negative")
     mix = parse_mix(args.mix)
     cpus = tuple(int(c) for c in args.cpus.split(",") if c.strip())
     created: list[str] = []
@@ -400,6 +420,7 @@ def run_command(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             processes=args.processes,
             warmup=args.warmup,
             cpus=cpus,
+            rate=args.rate,
             metadata=(("authorization", f"Bearer {args.api_key}"),) if args.api_key else (),
             root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
             private_key=args.tls_key.read_bytes() if args.tls_key else None,

@@ -158,11 +158,18 @@ class VerificationCache:
         A hash the key filter has certainly never seen is answered None without a query (the
         filter is trusted only while events flow, as the cache is).
         """
-        if self.armed and self._filter is not None and not self._filter.might_contain(secret_hash):
-            self._outcome["filtered"].inc()
+        if self.certainly_unknown(secret_hash):
             return None
         self._outcome["miss" if self.armed else "bypass"].inc()
         return await self._fetch(secret_hash)
+
+    def certainly_unknown(self, secret_hash: bytes) -> bool:
+        """Whether the key filter says no key has this hash; only while events flow (armed)."""
+        key_filter = self._filter
+        if self.armed and key_filter is not None and not key_filter.might_contain(secret_hash):
+            self._outcome["filtered"].inc()
+            return True
+        return False
 
     async def get(self, secret_hash: bytes) -> KeyRecord | None:
         """The key with this hash (None: no such key), from memory when a fresh entry exists."""

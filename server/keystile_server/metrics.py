@@ -135,6 +135,12 @@ class ServerMetrics:
             registry=reg,
             multiprocess_mode="livemin",
         )
+        self.key_filter_load_seconds = Gauge(
+            "keystile_key_filter_load_seconds",
+            "How long the last load of the filter of stored keys took.",
+            registry=reg,
+            multiprocess_mode="livemax",
+        )
         self.key_filter_bytes = Gauge(
             "keystile_key_filter_bytes",
             "Memory held by this process's filter of stored keys.",

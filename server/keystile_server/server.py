@@ -27,8 +27,8 @@ from keystile.v1 import keys_pb2
 
 from .cache import VerificationCache
 from .connection_limits import FileDescriptorWatch, grpc_server_options, raise_open_file_limit
+from .database_health import DatabaseHealth
 from .embedded import EmbeddedPostgres
-from .errors import StoreUnavailable
 from .handlers import KeyServiceHandlers, add_to_server
 from .key_filter import KeyFilter
 from .metrics import ServerMetrics
@@ -48,8 +48,6 @@ KEY_SERVICE_NAME: Final = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].ful
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
-_DOWN_PROBE_INTERVAL: Final = 0.5
-"""Seconds between database probes while it is unreachable: how soon service resumes after."""
 
 
 def build_cache(
@@ -162,7 +160,7 @@ class KeystileServer:
         self._usage: UsageRecorder | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
-        self._probe_now = asyncio.Event()
+        self._database_health: DatabaseHealth | None = None
         self._database_url = settings.database_url
         # Read once at construction, so a missing or short key file fails before anything starts.
         self._static_admin_key = settings.static_admin_key()
@@ -274,7 +272,14 @@ class KeystileServer:
         )
         self._tasks.append(asyncio.create_task(listener.run(), name="keystile-listener"))
         self._tasks.append(asyncio.create_task(self._usage.run(), name="keystile-usage"))
-        self._tasks.append(asyncio.create_task(self._watch_database(), name="keystile-health"))
+        self._database_health = DatabaseHealth(
+            store,
+            interval=self.settings.health_check_interval,
+            db_timeout=self.settings.db_timeout,
+            set_serving=self._set_serving,
+            housekeeping=self._housekeeping,
+        )
+        self._tasks.append(asyncio.create_task(self._database_health.run(), name="keystile-health"))
         await self._set_serving(True)
         self._ready.set()
         _log.info("ready: database connected, serving")
@@ -315,55 +320,21 @@ class KeystileServer:
             await self._health.set(name, _SERVING if serving else _NOT_SERVING)
 
     def _database_outage(self, cause: str) -> None:
-        """A statement timed out or no connection came: NOT_SERVING now, and probe often until back."""
-        self._probe_now.set()
+        if self._database_health is not None:
+            self._database_health.outage(cause)
 
-    async def _watch_database(self) -> None:
-        """Report NOT_SERVING while the database cannot be reached, SERVING once it is back.
-
-        Each probe must answer within one health interval (or ``--db-timeout``, if shorter), so
-        a database that stops answering turns health NOT_SERVING within two intervals. While it
-        is down, probes run at least every ``_DOWN_PROBE_INTERVAL`` seconds: the first that
-        answers ends the outage, and calls are served again.
-        """
-        assert self._store is not None
-        settings = self.settings
-        probe_timeout = min(settings.db_timeout, settings.health_check_interval)
-        serving = True
-        while True:
-            interval = settings.health_check_interval
-            if not serving:
-                interval = min(interval, _DOWN_PROBE_INTERVAL)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(interval):
-                    await self._probe_now.wait()
-            if self._probe_now.is_set():
-                self._probe_now.clear()
-                if serving:  # told of an outage: stop advertising at once, then probe
-                    serving = False
-                    await self._set_serving(False)
-                    _log.warning("database unreachable: NOT_SERVING")
-            if self._cache is not None:
-                self._cache.report_size()
-            if self._filter is not None:
-                self.metrics.key_filter_ready.set(int(self._filter.ready))
-                self.metrics.key_filter_keys.set(self._filter.keys)
-                self.metrics.key_filter_bytes.set(self._filter.size_bytes)
-            self.metrics.publish()
-            self.metrics.watchers.set(len(self._events))
-            self._fd_watch.check()
-            try:
-                await self._store.ping(probe_timeout)
-                healthy = True
-            except StoreUnavailable as exc:
-                healthy = False
-                _log.debug("health probe failed: %s", describe_database_error(exc))
-            if healthy != serving:
-                serving = healthy
-                await self._set_serving(serving)
-                _log.warning(
-                    "database %s", "reachable again: SERVING" if serving else "unreachable: NOT_SERVING"
-                )
+    def _housekeeping(self) -> None:
+        """Once per health interval: publish gauges and counters, watch open files."""
+        if self._cache is not None:
+            self._cache.report_size()
+        if self._filter is not None:
+            self.metrics.key_filter_ready.set(int(self._filter.ready))
+            self.metrics.key_filter_keys.set(self._filter.keys)
+            self.metrics.key_filter_bytes.set(self._filter.size_bytes)
+            self.metrics.key_filter_load_seconds.set(self._filter.load_seconds)
+        self.metrics.publish()
+        self.metrics.watchers.set(len(self._events))
+        self._fd_watch.check()
 
     async def stop(self) -> None:
         """Graceful shutdown: NOT_SERVING, drain calls, flush, close the pool, stop the database."""
@@ -382,7 +353,9 @@ class KeystileServer:
         if self._usage is not None:
             await self._usage.flush()
         self.metrics.publish()
-        if self._pool is not None:
+        if self._store is not None:
+            await self._store.close()
+        elif self._pool is not None:
             await self._pool.close()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)

@@ -15,8 +15,11 @@ statement, because each catches what the others cannot:
 
 After a statement times out, or no connection can be had in time, the pool is in an *outage*:
 every operation fails at once with ``StoreUnavailable`` instead of queueing behind a dead
-network, until ``probe`` (the server's health loop) gets an answer again. A single dead
-connection (after a database restart, say) is not an outage: reads retry once on a fresh one.
+network, until ``probe`` (the server's health loop) gets an answer again. During an outage the
+probe does not wait for the old pool, whose reconnection attempts back off to many seconds: it
+opens a fresh pool of the same configuration, and once that pool's connections answer, it
+replaces the old one. A single dead connection (after a database restart, say) is not an
+outage: reads retry once on a fresh one.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Final, TypeVar
 
 import psycopg
@@ -46,6 +49,8 @@ Query = Callable[[Connection], Awaitable[T]]
 
 _SEVERED_WAIT: Final = 1.0
 """Seconds a statement may take to notice that its socket was shut down (it takes microseconds)."""
+_HOUSEKEEPING_WAIT: Final = 6.0
+"""Seconds ``close`` waits for pools still closing in the background (psycopg_pool waits 5)."""
 _SECRET_PARAM: Final = re.compile(r"(password|sslpassword)\s*=\s*\S+", re.IGNORECASE)
 
 
@@ -130,7 +135,7 @@ class GuardedPool:
         self._on_outage = on_outage
         self.outage = ""
         """Why the database is deemed unreachable; "" while it is not."""
-        self._drains: set[asyncio.Task[None]] = set()  # held: the loop keeps only weak references
+        self._housekeeping: set[asyncio.Task[None]] = set()  # held: the loop keeps weak references
 
     async def run(self, operation: str, query: Query[T], *, retry: bool) -> T:
         """Run ``query`` on a pooled connection within ``timeout`` seconds, or raise StoreUnavailable.
@@ -154,18 +159,52 @@ class GuardedPool:
             raise StoreUnavailable() from dead.__cause__
 
     async def probe(self, timeout: float) -> None:
-        """``SELECT 1`` within ``timeout``, ignoring a known outage; success ends it."""
+        """``SELECT 1`` within ``timeout``, ignoring a known outage; success ends it.
 
-        async def ping(conn: Connection) -> None:
-            await conn.execute("SELECT 1")
-
+        During an outage the probe runs on a fresh pool (see the module's docstring), which
+        becomes the pool once it answers.
+        """
+        if self.outage:
+            await self._reopen(timeout)
+            return
         try:
-            await self._attempt(ping, time.monotonic() + timeout)
+            await self._attempt(_ping, time.monotonic() + timeout)
         except _DeadConnection as dead:
             raise StoreUnavailable() from dead.__cause__
-        if self.outage:
-            _log.warning("database reachable again (was: %s)", self.outage)
-            self.outage = ""
+
+    async def _reopen(self, timeout: float) -> None:
+        old = self.pool
+        fresh = AsyncConnectionPool(
+            old.conninfo,
+            min_size=old.min_size,
+            max_size=old.max_size,
+            timeout=old.timeout,
+            open=False,
+            name=old.name,
+            kwargs=old.kwargs,
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            await fresh.open(wait=True, timeout=timeout)
+            self.pool = fresh
+            await self._attempt(_ping, deadline)
+        except (PoolTimeout, psycopg.Error, _DeadConnection) as exc:
+            self.pool = old
+            self._background(fresh.close())
+            raise StoreUnavailable() from exc
+        _log.warning("database reachable again (was: %s)", self.outage)
+        self.outage = ""
+        self._background(old.close())
+
+    async def close(self) -> None:
+        """Close the pool (the one in use now: an outage may have replaced the first).
+
+        Pools being closed or drained in the background are waited for too (briefly), so that
+        none of their worker tasks outlives the server.
+        """
+        await self.pool.close()
+        if self._housekeeping:
+            await asyncio.wait(self._housekeeping, timeout=_HOUSEKEEPING_WAIT)
 
     async def _attempt(self, query: Query[T], deadline: float) -> T:
         """One connection, one query, both before ``deadline``; failures become _DeadConnection."""
@@ -211,13 +250,22 @@ class GuardedPool:
             if self._on_outage is not None:
                 self._on_outage(cause)
         # The idle connections most likely share the silent path: replace them all.
-        drain = asyncio.get_running_loop().create_task(self._drain())
-        self._drains.add(drain)
-        drain.add_done_callback(self._drains.discard)
+        self._background(self.pool.drain())
 
-    async def _drain(self) -> None:
-        with contextlib.suppress(Exception):
-            await self.pool.drain()
+    def _background(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run pool housekeeping in a task of its own, held until done; failures are ignored."""
+
+        async def run() -> None:
+            with contextlib.suppress(Exception):
+                await work
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._housekeeping.add(task)
+        task.add_done_callback(self._housekeeping.discard)
+
+
+async def _ping(conn: Connection) -> None:
+    await conn.execute("SELECT 1")
 
 
 async def _collect(task: asyncio.Future[Any]) -> None:

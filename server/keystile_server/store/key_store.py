@@ -160,6 +160,10 @@ class KeyStore:
         self._on_query(operation)
         return await self.guard.run(operation, query, retry=read)
 
+    async def close(self) -> None:
+        """Close the connection pool (the one in use: an outage may have replaced the first)."""
+        await self.guard.close()
+
     async def ping(self, timeout: float | None = None) -> None:
         """Round-trip to the database, even during an outage (it ends one); StoreUnavailable if not."""
         await self.guard.probe(self.guard.timeout if timeout is None else timeout)
