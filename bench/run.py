@@ -16,7 +16,8 @@ Starts an embedded PostgreSQL and keystile servers on it, seeds keys, and measur
 5. the caching client's in-process verifications per second on one core;
 6. miss-path latency at 1 in flight with 10,000 and with 1,000,000 keys in the table (a second
    database holding the same keys plus filler, served by its own uncached server, measured
-   alternately with the first), and cache memory per entry.
+   alternately with the first), and cache memory per entry;
+7. the key filter of that 1,000,000-key server: memory per stored key and its load time.
 
 Servers and PostgreSQL are pinned to CPU 0 and the load to CPU 1 (on a 2-core machine), as
 PERF-NOTES recommends. Results go to bench/results/latest.json and latest.png, and a table is
@@ -576,6 +577,15 @@ def main() -> int:
         workers.stop()
         servers.remove(workers)
 
+        big_metrics = big_off.metrics()
+        key_filter = {
+            "keys": int(big_metrics.get("keystile_key_filter_keys", 0)),
+            "bytes": int(big_metrics.get("keystile_key_filter_bytes", 0)),
+            "load_seconds": round(big_metrics.get("keystile_key_filter_load_seconds", 0.0), 2),
+        }
+        key_filter["bytes_per_key"] = round(key_filter["bytes"] / max(1, key_filter["keys"]), 2)
+        log(f"key filter at {key_filter['keys']:,} keys: {key_filter}")
+
         log("caching client on one core")
         os.sched_setaffinity(0, LOAD_CPU)
         client_cache = client_cache_rate(cache_on.address, hot)
@@ -621,6 +631,7 @@ def main() -> int:
                     "cache_bytes_per_entry": memory["bytes_per_entry"],
                     "target": "p50 ratio <= 1.5",
                 },
+                "7_key_filter_1m": key_filter | {"target": "reported (memory per key, load time)"},
             },
             "revocation_ms": revocation["ms"],
             "seconds": round(time.monotonic() - started, 1),
@@ -686,6 +697,12 @@ def table(results: dict[str, Any]) -> str:
         ),
         ("6", "miss p50 1M keys / 10k keys", f"{t['6_big_table']['p50_ratio']:.2f}", "<= 1.5"),
         ("6", "server cache bytes per entry", str(t["6_big_table"]["cache_bytes_per_entry"]), "reported"),
+        (
+            "7",
+            f"key filter at {t['7_key_filter_1m']['keys']:,} keys: bytes per key / load s",
+            f"{t['7_key_filter_1m']['bytes_per_key']} / {t['7_key_filter_1m']['load_seconds']}",
+            "reported",
+        ),
     ]
     lines = ["| # | measure | result | target |", "|---|---|---:|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]

@@ -71,6 +71,8 @@ class AioLoop:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+        if not self.thread.is_alive():
+            self.loop.close()  # its self-pipe sockets, which would otherwise be left to the GC
 
 
 @pytest.fixture(scope="session")

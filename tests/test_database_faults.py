@@ -260,3 +260,38 @@ def test_management_calls_are_bounded_too(
             assert time.monotonic() - started < DB_TIMEOUT + SLACK
     pg_proxy.thaw()
     running.stop()
+
+
+def test_stuck_lookups_in_flight_are_capped(aio: AioLoop) -> None:
+    """However many loads stall, at most MAX_CONCURRENT_LOADS run; later misses queue (bounded)."""
+    from keystile_server.cache import MAX_CONCURRENT_LOADS, STALLED_LOAD, VerificationCache
+    from keystile_server.metrics import ServerMetrics
+
+    async def scenario() -> tuple[int, int]:
+        never = asyncio.Event()
+        loads: list[list[bytes]] = []
+
+        async def load(hashes: list[bytes]) -> dict[bytes, object]:
+            loads.append(list(hashes))
+            await never.wait()
+            return {}
+
+        cache = VerificationCache(
+            load,  # type: ignore[arg-type]
+            max_entries=10,
+            negative_max_entries=10,
+            max_staleness=60,
+            metrics=ServerMetrics(),
+        )
+        cache.arm()
+        waiting = []
+        for i in range(MAX_CONCURRENT_LOADS + 3):
+            waiting.append(asyncio.create_task(cache.get(hashlib.sha256(bytes([i])).digest())))
+            await asyncio.sleep(STALLED_LOAD * 2)
+        started = len(loads)
+        never.set()  # the statements answer at last: every miss is settled
+        await asyncio.gather(*waiting)
+        return started, len(waiting)
+
+    started, misses = aio.run(scenario())
+    assert started == MAX_CONCURRENT_LOADS < misses
