@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable
 
 import grpc
+import psycopg
 import pytest
+from fix_db import Db
 from fix_proxy import PgProxy
 from fix_server import AioLoop, RunningServer, eventually, server_settings
 from grpc_health.v1 import health_pb2
@@ -295,3 +297,27 @@ def test_stuck_lookups_in_flight_are_capped(aio: AioLoop) -> None:
 
     started, misses = aio.run(scenario())
     assert started == MAX_CONCURRENT_LOADS < misses
+
+
+def test_a_slow_statement_fails_alone_and_is_no_outage(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str, db: Db
+) -> None:
+    """A statement PostgreSQL cancels (here: waiting on a row lock) is UNAVAILABLE for its caller only."""
+    running = start_server(fault_settings(pg_proxy, health_check_interval=0.2))
+    with running.client() as client:
+        locked = client.create_key(owner, "locked by someone else")
+        other = client.create_key(owner, "free").secret
+    with psycopg.connect(db.conninfo) as holder:
+        holder.execute("SELECT 1 FROM keystile.keys WHERE id = %s FOR UPDATE", (locked.key.id,))
+        with running.client(timeout=10) as client:
+            started = time.monotonic()
+            with pytest.raises(keystile.UnavailableError):
+                client.revoke_key(locked.key.id)
+            assert time.monotonic() - started < DB_TIMEOUT + SLACK
+            # Everything else goes on: no outage was declared for a slow statement.
+            assert client.verify_key(other).result == keys_pb2.VERIFY_RESULT_VALID
+            assert running.health() == SERVING
+        holder.rollback()
+    with running.client() as client:
+        assert client.revoke_key(locked.key.id).state == keys_pb2.KEY_STATE_REVOKED
+    running.stop()

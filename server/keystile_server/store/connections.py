@@ -3,17 +3,19 @@
 A database that stops answering must never stall keystile's callers. Three layers bound a
 statement, because each catches what the others cannot:
 
-- **On the server**, ``statement_timeout`` cancels a statement that runs too long.
+- **On the server**, ``statement_timeout`` (``timeout``) cancels a statement that runs too long:
+  the server answers QueryCanceled, and that call alone fails (a lock wait or a heavy write is
+  slow, not an outage).
 - **In the kernel**, TCP keepalives and ``tcp_user_timeout`` notice a peer that vanished from
   the network, so a socket does not wait the 15 minutes TCP would otherwise give it.
-- **Here**, each operation (taking a connection, the statement, one retry) has a deadline of
-  ``timeout`` seconds. A connection whose statement misses it is *severed*: its socket is shut
-  down, which fails the statement at once and makes the pool discard the connection. Letting
-  psycopg cancel the statement instead would send a cancel request and then wait up to ten
-  seconds more on the same silent socket. The other idle connections probably share the silent
-  path, so the pool is drained too.
+- **Here**, taking a connection has ``timeout`` seconds, and a statement that has not answered
+  at all ``SILENCE_GRACE`` after the server would have cancelled it is talking to a silent
+  peer: its connection is *severed* (its socket shut down, which fails the statement at once
+  and makes the pool discard the connection). Letting psycopg cancel the statement instead
+  would send a cancel request and then wait up to ten seconds more on the same silent socket.
+  The other idle connections probably share the silent path: the outage below replaces them all.
 
-After a statement times out, or no connection can be had in time, the pool is in an *outage*:
+After a statement goes silent, or no connection can be had in time, the pool is in an *outage*:
 every operation fails at once with ``StoreUnavailable`` instead of queueing behind a dead
 network, until ``probe`` (the server's health loop) gets an answer again. During an outage the
 probe does not wait for the old pool, whose reconnection attempts back off to many seconds: it
@@ -49,6 +51,10 @@ Query = Callable[[Connection], Awaitable[T]]
 
 _SEVERED_WAIT: Final = 1.0
 """Seconds a statement may take to notice that its socket was shut down (it takes microseconds)."""
+SILENCE_GRACE: Final = 1.0
+"""Seconds past the server's statement_timeout after which a silent statement means a dead path
+(half the timeout when that is shorter): the longest any statement can keep a caller waiting is
+``timeout`` plus this."""
 _HOUSEKEEPING_WAIT: Final = 6.0
 """Seconds ``close`` waits for pools still closing in the background (psycopg_pool waits 5)."""
 _SECRET_PARAM: Final = re.compile(r"(password|sslpassword)\s*=\s*\S+", re.IGNORECASE)
@@ -132,6 +138,7 @@ class GuardedPool:
     ) -> None:
         self.pool = pool
         self.timeout = timeout
+        self._silence_grace = min(SILENCE_GRACE, timeout / 2)
         self._on_outage = on_outage
         self.outage = ""
         """Why the database is deemed unreachable; "" while it is not."""
@@ -149,7 +156,7 @@ class GuardedPool:
         try:
             return await self._attempt(query, deadline)
         except _DeadConnection as dead:
-            if not retry or time.monotonic() >= deadline:
+            if not retry or dead.slow or time.monotonic() >= deadline:
                 _log.warning("database unavailable in %s: %s", operation, dead.cause)
                 raise StoreUnavailable() from dead.__cause__
         try:
@@ -184,14 +191,18 @@ class GuardedPool:
             kwargs=old.kwargs,
         )
         deadline = time.monotonic() + timeout
+        swapped = False
         try:
             await fresh.open(wait=True, timeout=timeout)
             self.pool = fresh
             await self._attempt(_ping, deadline)
+            swapped = True
         except (PoolTimeout, psycopg.Error, _DeadConnection) as exc:
-            self.pool = old
-            self._background(fresh.close())
             raise StoreUnavailable() from exc
+        finally:
+            if not swapped:  # failed, or cancelled (shutdown): the fresh pool must not linger
+                self.pool = old
+                self._background(fresh.close())
         _log.warning("database reachable again (was: %s)", self.outage)
         self.outage = ""
         self._background(old.close())
@@ -211,10 +222,14 @@ class GuardedPool:
         remaining = deadline - time.monotonic()
         try:
             async with self.pool.connection(timeout=max(remaining, 0.001)) as conn:
-                return await self._bounded(conn, query, deadline)
+                # The server cancels the statement after `timeout`; silence beyond that is the network.
+                silent_after = time.monotonic() + self.timeout + self._silence_grace
+                return await self._bounded(conn, query, silent_after)
         except _StatementTimeout as exc:
             self._enter_outage(f"no answer within {self.timeout:g}s")
             raise _DeadConnection(str(exc)) from None
+        except psycopg.errors.QueryCanceled as exc:
+            raise _DeadConnection(f"statement cancelled after {self.timeout:g}s", slow=True) from exc
         except PoolTimeout as exc:
             # Nothing came in time: the pool keeps failing to connect, or every connection is
             # stuck. Either way, waiting again would only make the next caller wait too.
@@ -241,7 +256,7 @@ class GuardedPool:
             return task.result()
         sever(conn)
         await _collect(task)
-        raise _StatementTimeout(f"statement did not answer within {self.timeout:g}s")
+        raise _StatementTimeout(f"statement did not answer within {self.timeout + self._silence_grace:g}s")
 
     def _enter_outage(self, cause: str) -> None:
         if not self.outage:
@@ -249,8 +264,6 @@ class GuardedPool:
             _log.warning("database unreachable (%s): failing fast until a probe answers", cause)
             if self._on_outage is not None:
                 self._on_outage(cause)
-        # The idle connections most likely share the silent path: replace them all.
-        self._background(self.pool.drain())
 
     def _background(self, work: Coroutine[Any, Any, None]) -> None:
         """Run pool housekeeping in a task of its own, held until done; failures are ignored."""
@@ -284,8 +297,12 @@ class _StatementTimeout(Exception):
 
 
 class _DeadConnection(Exception):
-    """The attempt failed for want of a working connection; ``cause`` says why, log-safe."""
+    """The attempt failed; ``cause`` says why, log-safe. ``slow``: the server cancelled it.
 
-    def __init__(self, cause: str) -> None:
+    A cancelled statement is not retried: the database is there, and would only be slow again.
+    """
+
+    def __init__(self, cause: str, *, slow: bool = False) -> None:
         super().__init__(cause)
         self.cause = cause
+        self.slow = slow

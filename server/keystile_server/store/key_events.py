@@ -27,6 +27,8 @@ from typing import Any, Final
 
 import psycopg
 
+from .connections import sever
+
 _log = logging.getLogger(__name__)
 
 CHANNEL: Final = "keystile_key_events"
@@ -114,8 +116,9 @@ class KeyEventListener:
     async def _ping(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Round-trip on the LISTEN connection; a silent network fails it after ``timeout``.
 
-        The loss is reported before anything else: cancelling a query on a dead network can
-        itself hang for seconds, and the cache must stop serving now, not after the cleanup.
+        The loss is reported before anything else, and the connection is severed rather than
+        the query cancelled: cancelling on a dead network waits seconds more on the same silent
+        socket, and the cache must stop serving now, not after the cleanup.
         """
         ping = asyncio.ensure_future(conn.execute("SELECT 1"))
         done, _ = await asyncio.wait({ping}, timeout=self._timeout)
@@ -123,7 +126,7 @@ class KeyEventListener:
             ping.result()
             return
         self._report_lost()
-        ping.cancel()
+        sever(conn)  # the ping fails at once, and closing the connection does not wait
         ping.add_done_callback(lambda task: task.cancelled() or task.exception())
         raise TimeoutError("key event listener did not answer its ping")
 
