@@ -37,8 +37,8 @@ def loaded_filter(stored: list[bytes]) -> KeyFilter:
     async def count() -> int:
         return len(ordered)
 
-    async def page(after: bytes, limit: int) -> list[bytes]:
-        return [h for h in ordered if h > after][:limit]
+    async def page(after: bytes, limit: int) -> bytes:
+        return b"".join([h for h in ordered if h > after][:limit])
 
     key_filter = KeyFilter(count, page)
 
@@ -66,8 +66,8 @@ def test_an_unloaded_or_stopped_filter_denies_nothing() -> None:
     async def count() -> int:
         return 0
 
-    async def page(after: bytes, limit: int) -> list[bytes]:
-        return []
+    async def page(after: bytes, limit: int) -> bytes:
+        return b""
 
     key_filter = KeyFilter(count, page)
     assert key_filter.might_contain(digests(1, seed=3)[0]), "not loaded: everything may exist"
@@ -83,9 +83,9 @@ def test_a_full_filter_is_rebuilt_larger_and_answers_meanwhile() -> None:
     async def count() -> int:
         return len(stored)
 
-    async def page(after: bytes, limit: int) -> list[bytes]:
+    async def page(after: bytes, limit: int) -> bytes:
         await asyncio.sleep(0)
-        return sorted(h for h in stored if h > after)[:limit]
+        return b"".join(sorted(h for h in stored if h > after)[:limit])
 
     async def scenario() -> tuple[int, int, bool]:
         key_filter = KeyFilter(count, page)
@@ -198,8 +198,8 @@ def test_the_filter_is_told_of_a_creation_before_the_cache(aio: AioLoop) -> None
         async def count() -> int:
             return 0
 
-        async def page(after: bytes, limit: int) -> list[bytes]:
-            return []
+        async def page(after: bytes, limit: int) -> bytes:
+            return b""
 
         key_filter = KeyFilter(count, page)
         key_filter.start()
@@ -234,3 +234,34 @@ def test_the_filter_holds_only_hashes(fresh: Callable[..., RunningServer], owner
     key_filter = server.server._filter
     assert key_filter is not None and key_filter._live is not None
     assert secret.encode() not in bytes(key_filter._live.bits)
+
+
+def test_a_failed_load_is_retried() -> None:
+    from keystile_server.errors import StoreUnavailable
+
+    calls = 0
+
+    async def count() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise StoreUnavailable()  # the database was busy or away at start
+        return 1
+
+    stored = digests(1, seed=5)[0]
+
+    async def page(after: bytes, limit: int) -> bytes:
+        return stored if after < stored else b""
+
+    async def scenario() -> tuple[bool, bool]:
+        key_filter = KeyFilter(count, page)
+        key_filter.start()
+        await asyncio.sleep(0.1)
+        failed_first = not key_filter.ready
+        async with asyncio.timeout(5):
+            while not key_filter.ready:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+        return failed_first, key_filter.might_contain(stored)
+
+    failed_first, contains = asyncio.run(scenario())
+    assert failed_first and contains and calls == 2

@@ -22,7 +22,9 @@ false positives cost one lookup, and then sit in the negative cache).
   have been added than the filter was sized for, it is rebuilt at double the size in the
   background, the old one answering meanwhile (it has no false negatives, only more positives).
 - **Loading** pages through the unique index ``PAGE`` hashes per statement (each bounded like any
-  other) and yields to the event loop between pages.
+  other, the page's hashes returned as one value) and yields to the event loop between pages. It
+  is sized from the planner's row estimate; a load that fails is retried with backoff (unknown
+  keys are looked up meanwhile).
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ BITS_PER_KEY: Final = 16
 PROBES: Final = 8
 MIN_CAPACITY: Final = 1 << 16
 PAGE: Final = 10_000
+RETRY_DELAY: Final = (1.0, 60.0)
+"""Seconds before a failed load is tried again: doubling from the first to the second."""
 
 CountKeys = Callable[[], Awaitable[int]]
-HashPage = Callable[[bytes, int], Awaitable[list[bytes]]]
-"""(after, limit) -> up to ``limit`` stored key hashes greater than ``after``, in order."""
+HashPage = Callable[[bytes, int], Awaitable[bytes]]
+"""(after, limit) -> up to ``limit`` stored key hashes greater than ``after``, in order, concatenated."""
 
 
 class _Bits:
@@ -85,6 +89,7 @@ class KeyFilter:
         self.ready = False
         """Whether ``might_contain`` may be trusted: loaded since the listener last connected."""
         self.load_seconds = 0.0
+        self._retry_delay = RETRY_DELAY[0]
 
     @property
     def keys(self) -> int:
@@ -136,8 +141,27 @@ class KeyFilter:
     def _loaded(self, task: asyncio.Task[None]) -> None:
         if self._task is task:
             self._task = None
-        if not task.cancelled() and task.exception() is not None:
-            _log.warning("key filter not loaded (%s); unknown keys are looked up", task.exception())
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            _log.warning(
+                "key filter not loaded (%s); unknown keys are looked up; retrying in %gs",
+                error,
+                self._retry_delay,
+            )
+            self._task = asyncio.get_running_loop().create_task(self._retry(), name="keystile-key-filter")
+            self._task.add_done_callback(self._loaded)
+            return
+        self._retry_delay = RETRY_DELAY[0]
+        live = self._live
+        if live is not None and live.count > live.capacity:  # the estimate was short: grow now
+            self._start(keep_serving=True)
+
+    async def _retry(self) -> None:
+        await asyncio.sleep(self._retry_delay)
+        self._retry_delay = min(self._retry_delay * 2, RETRY_DELAY[1])
+        await self._load()
 
     async def _load(self) -> None:
         started = time.monotonic()
@@ -146,11 +170,10 @@ class KeyFilter:
         after = b""
         while True:
             page = await self._hash_page(after, PAGE)
-            if page:
-                building.add_many(b"".join(page))
-                after = page[-1]
-            if len(page) < PAGE:
+            building.add_many(page)
+            if len(page) < PAGE * 32:
                 break
+            after = page[-32:]
         self._live, self._building = building, None
         self.ready = True
         self.load_seconds = time.monotonic() - started

@@ -38,9 +38,13 @@ _BY_ID_OWNED: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %(id)s A
 # One statement for a whole batch of cache misses: ~10x the lookups/s of one query per key.
 _BY_HASHES: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE secret_hash = ANY(%s)"
 
-_HASH_PAGE: Final = (
-    "SELECT secret_hash FROM keystile.keys WHERE secret_hash > %s ORDER BY secret_hash LIMIT %s"
-)
+_ESTIMATED_KEYS: Final = "SELECT reltuples::bigint FROM pg_class WHERE oid = 'keystile.keys'::regclass"
+# One row per page, the hashes concatenated: a row per hash cost Python more than the filter did.
+_HASH_PAGE: Final = """
+    SELECT string_agg(h, ''::bytea ORDER BY h)
+      FROM (SELECT secret_hash AS h FROM keystile.keys
+             WHERE secret_hash > %s ORDER BY secret_hash LIMIT %s) AS page
+"""
 
 # Revoking twice keeps the first time and reason: SET expressions see the row's old values.
 _REVOKE_SET: Final = """
@@ -283,21 +287,30 @@ class KeyStore:
         await self._run("record_usage", query, read=False)
 
     async def count_keys(self) -> int:
-        """How many keys are stored (any state)."""
+        """About how many keys are stored: the planner's estimate, or an exact count if it has none.
+
+        Counting a million rows exactly takes a scan; sizing a filter needs only the estimate
+        that autovacuum keeps.
+        """
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> int:
+            cur = await conn.execute(_ESTIMATED_KEYS)
+            row = await cur.fetchone()
+            if row and row[0] and int(row[0]) > 0:
+                return int(row[0])
             cur = await conn.execute("SELECT count(*) FROM keystile.keys")
             row = await cur.fetchone()
             return int(row[0]) if row else 0
 
         return await self._run("count_keys", query, read=True)
 
-    async def hash_page(self, after: bytes, limit: int) -> list[bytes]:
-        """Up to ``limit`` stored key hashes greater than ``after``, in order (the unique index's)."""
+    async def hash_page(self, after: bytes, limit: int) -> bytes:
+        """Up to ``limit`` stored key hashes greater than ``after``, in order, concatenated."""
 
-        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> list[bytes]:
-            cur = await conn.execute(_HASH_PAGE, (after, limit))
-            return [bytes(row[0]) for row in await cur.fetchall()]
+        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> bytes:
+            cur = await conn.execute(_HASH_PAGE, (after, limit), binary=True)
+            row = await cur.fetchone()
+            return bytes(row[0]) if row and row[0] is not None else b""
 
         return await self._run("hash_page", query, read=True)
 
