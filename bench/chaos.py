@@ -30,7 +30,6 @@ import asyncio
 import contextlib
 import json
 import os
-import resource
 import socket
 import subprocess
 import sys
@@ -232,10 +231,7 @@ def never_reading_watchers(url: str, real: list[str]) -> dict[str, Any]:
 
 
 def idle_connection_flood(url: str) -> dict[str, Any]:
-    def limited() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (IDLE_LIMIT, IDLE_LIMIT))
-
-    server = Served(url, "chaos-idle-flood", "--log-level", "info", preexec_fn=limited)
+    server = Served(url, "chaos-idle-flood", "--log-level", "info", open_files=IDLE_LIMIT)
     server.wait_serving()
     flood: list[socket.socket] = []
     try:

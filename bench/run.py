@@ -92,29 +92,31 @@ def free_port() -> int:
 class Served:
     """A `keystile serve` subprocess and its metrics port."""
 
-    def __init__(self, url: str, name: str, *args: str, preexec_fn: Callable[[], None] | None = None) -> None:
+    def __init__(self, url: str, name: str, *args: str, open_files: int | None = None) -> None:
         self.name = name
         self.address = f"127.0.0.1:{free_port()}"
         self.metrics_address = f"127.0.0.1:{free_port()}"
         self.log_file = open(RESULTS / f"{name}.log", "wb")  # noqa: SIM115
+        command = [
+            str(BIN / "keystile"),
+            "serve",
+            "--database-url",
+            url,
+            "--listen",
+            self.address,
+            "--metrics-listen",
+            self.metrics_address,
+            "--log-level",
+            "warning",
+            *args,
+        ]
+        if open_files is not None:  # set by the shell, then exec: no preexec_fn in a threaded process
+            command = ["sh", "-c", f'ulimit -n {open_files} && exec "$0" "$@"', *command]
         self.proc = subprocess.Popen(
-            [
-                str(BIN / "keystile"),
-                "serve",
-                "--database-url",
-                url,
-                "--listen",
-                self.address,
-                "--metrics-listen",
-                self.metrics_address,
-                "--log-level",
-                "warning",
-                *args,
-            ],
+            command,
             stdout=self.log_file,
             stderr=subprocess.STDOUT,
             env={**os.environ, "KEYSTILE_ADMIN_KEY": ADMIN_KEY},
-            preexec_fn=preexec_fn,
         )
         self.process = psutil.Process(self.proc.pid)
 

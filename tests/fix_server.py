@@ -272,19 +272,24 @@ class ServeProcess:
         *args: str,
         env: dict[str, str] | None = None,
         cwd: Path | None = None,
-        preexec_fn: Callable[[], None] | None = None,
+        open_files: tuple[int, int] | None = None,
     ) -> None:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.log_path = Path(cwd or ".") / f"serve-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
+        command = [str(BIN / "keystile"), "serve", "--listen", self.address, *args]
+        if open_files is not None:
+            # The shell sets the limits and execs: a preexec_fn would run after fork() in a
+            # process full of gRPC threads, which is not safe.
+            soft, hard = open_files
+            command = ["sh", "-c", f'ulimit -Sn {soft} && ulimit -Hn {hard} && exec "$0" "$@"', *command]
         self.proc = subprocess.Popen(
-            [str(BIN / "keystile"), "serve", "--listen", self.address, *args],
+            command,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "KEYSTILE_ADMIN_KEY": ADMIN_KEY, **(env or {})},
             cwd=cwd,
-            preexec_fn=preexec_fn,
         )
 
     def wait_serving(self, timeout: float = 60) -> None:

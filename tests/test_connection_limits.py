@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import resource
 import socket
 import threading
 import time
@@ -21,13 +20,6 @@ from fix_server import AioLoop, RunningServer, ServeProcess, eventually
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from keystile.v1 import keys_pb2, keys_pb2_grpc
-
-
-def _limited(soft: int, hard: int) -> Callable[[], None]:
-    def apply() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-
-    return apply
 
 
 def _healthy(address: str, timeout: float) -> bool:
@@ -57,7 +49,7 @@ def test_after_an_idle_connection_flood_a_new_client_is_served(
         "--pool-max-size",
         "2",
         cwd=tmp_path,
-        preexec_fn=_limited(200, 200),
+        open_files=(200, 200),
     )
     flood: list[socket.socket] = []
     try:
@@ -81,7 +73,7 @@ def test_after_an_idle_connection_flood_a_new_client_is_served(
 
 
 def test_the_open_file_limit_is_raised_to_the_hard_limit(database_url: str, tmp_path: Path) -> None:
-    served = ServeProcess("--database-url", database_url, cwd=tmp_path, preexec_fn=_limited(256, 2048))
+    served = ServeProcess("--database-url", database_url, cwd=tmp_path, open_files=(256, 2048))
     try:
         served.wait_serving()
         limits = Path(f"/proc/{served.proc.pid}/limits").read_text()
