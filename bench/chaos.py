@@ -401,6 +401,7 @@ def fuzz() -> dict[str, Any]:
             "-q",
             "-p",
             "no:randomly",
+            "--timeout=1800",  # the suite's 120 s per test is for a few hundred examples
             str(ROOT / "tests/test_fuzz.py"),
             "-k",
             "raw_bytes or typed_requests",
