@@ -2,4 +2,4 @@
 
 from __future__ import annotations
 
-pytest_plugins = ["fix_db", "fix_proxy", "fix_server", "fix_tls"]
+pytest_plugins = ["fix_cache", "fix_db", "fix_proxy", "fix_server", "fix_tls"]

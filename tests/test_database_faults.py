@@ -16,6 +16,7 @@ from collections.abc import Callable
 import grpc
 import psycopg
 import pytest
+from fix_cache import armed_cache
 from fix_db import Db
 from fix_proxy import PgProxy
 from fix_server import AioLoop, RunningServer, eventually, server_settings
@@ -125,8 +126,7 @@ def test_a_silent_connection_is_discarded_and_a_fresh_one_answers(
 
 def test_one_stuck_lookup_does_not_hold_up_the_next(aio: AioLoop) -> None:
     """A load that has not answered in STALLED_LOAD seconds no longer holds the queue behind it."""
-    from keystile_server.cache import STALLED_LOAD, VerificationCache
-    from keystile_server.metrics import ServerMetrics
+    from keystile_server.cache import STALLED_LOAD
 
     stuck, other = hashlib.sha256(b"stuck").digest(), hashlib.sha256(b"other").digest()
 
@@ -140,14 +140,7 @@ def test_one_stuck_lookup_does_not_hold_up_the_next(aio: AioLoop) -> None:
                 await never.wait()  # a statement on a silent connection
             return {}
 
-        cache = VerificationCache(
-            load,  # type: ignore[arg-type]
-            max_entries=10,
-            negative_max_entries=10,
-            max_staleness=60,
-            metrics=ServerMetrics(),
-        )
-        cache.arm()
+        cache = armed_cache(load)
         first = asyncio.create_task(cache.get(stuck))
         await asyncio.sleep(STALLED_LOAD * 2)
         started = time.monotonic()
@@ -266,8 +259,7 @@ def test_management_calls_are_bounded_too(
 
 def test_stuck_lookups_in_flight_are_capped(aio: AioLoop) -> None:
     """However many loads stall, at most MAX_CONCURRENT_LOADS run; later misses queue (bounded)."""
-    from keystile_server.cache import MAX_CONCURRENT_LOADS, STALLED_LOAD, VerificationCache
-    from keystile_server.metrics import ServerMetrics
+    from keystile_server.cache import MAX_CONCURRENT_LOADS, STALLED_LOAD
 
     async def scenario() -> tuple[int, int]:
         never = asyncio.Event()
@@ -278,14 +270,7 @@ def test_stuck_lookups_in_flight_are_capped(aio: AioLoop) -> None:
             await never.wait()
             return {}
 
-        cache = VerificationCache(
-            load,  # type: ignore[arg-type]
-            max_entries=10,
-            negative_max_entries=10,
-            max_staleness=60,
-            metrics=ServerMetrics(),
-        )
-        cache.arm()
+        cache = armed_cache(load)
         waiting = []
         for i in range(MAX_CONCURRENT_LOADS + 3):
             waiting.append(asyncio.create_task(cache.get(hashlib.sha256(bytes([i])).digest())))

@@ -12,6 +12,7 @@ import hashlib
 import random
 from collections.abc import Callable
 
+from fix_cache import armed_cache
 from fix_db import Db
 from fix_server import AioLoop, RunningServer, eventually
 
@@ -182,9 +183,6 @@ def test_a_key_created_through_another_server_is_denied_no_longer_than_its_event
 
 def test_the_filter_is_told_of_a_creation_before_the_cache(aio: AioLoop) -> None:
     """The event path adds the hash to the filter, so a lookup right after it is not filtered out."""
-    from keystile_server.cache import VerificationCache
-    from keystile_server.metrics import ServerMetrics
-
     secret = generate_key("ks")
     digest = hash_key(secret)
 
@@ -205,15 +203,7 @@ def test_the_filter_is_told_of_a_creation_before_the_cache(aio: AioLoop) -> None
         key_filter.start()
         while not key_filter.ready:  # noqa: ASYNC110
             await asyncio.sleep(0)
-        cache = VerificationCache(
-            load,  # type: ignore[arg-type]
-            max_entries=10,
-            negative_max_entries=10,
-            max_staleness=60,
-            metrics=ServerMetrics(),
-            key_filter=key_filter,
-        )
-        cache.arm()
+        cache = armed_cache(load, key_filter=key_filter)
         before_event = await cache.get(digest)  # filtered: no lookup
         lookups_before = len(looked_up)
         key_filter.add(digest)  # the creation event
