@@ -47,6 +47,7 @@ def uncached_keys(server: RunningServer, owner: str, n: int) -> list[str]:
     (Unknown keys would not do: the key filter answers them without the database.) Returns once
     the server has heard every creation event, so that the fault cannot swallow one.
     """
+    eventually(lambda: server.metrics()["keystile_key_listener_up"] == 1)  # events flow from here
     events = server.metrics()["keystile_key_events_total"]
     with server.client() as client:
         secrets_ = [client.create_key(owner, f"uncached {i}").secret for i in range(n)]

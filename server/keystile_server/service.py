@@ -30,8 +30,8 @@ from .auth import (
 )
 from .cache import VerificationCache
 from .errors import AdminKeyExists, KeyNotFound, Unauthenticated
-from .metrics import HotCounter, ServerMetrics
-from .model import KeyPage, KeyRecord, KeyState, NewKey, PageCursor, Verification, VerifyResult
+from .metrics import ServerMetrics
+from .model import KeyPage, KeyRecord, NewKey, PageCursor, Verification, VerifyResult
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
 from .usage import MIN_WRITE_INTERVAL, UsageRecorder
@@ -44,10 +44,17 @@ from .validation import (
     check_page_size,
     check_prefix,
     check_reason,
-    check_resource,
     check_resources,
     check_scopes,
-    scope_covers,
+)
+from .verdicts import (
+    MALFORMED,
+    MAX_VERDICTS_PER_KEY,
+    NOT_FOUND,
+    Memo,
+    holds_until,
+    judge,
+    validated_requirements,
 )
 from .watch import KeyEventHub, Subscription
 
@@ -353,12 +360,12 @@ class KeyService:
             )
         record = entry.record
         if record is None:  # a remembered unknown key
-            _required(required_scopes, resource)  # still, bad scopes make a bad request
+            validated_requirements(required_scopes, resource)  # still, bad scopes make a bad request
             self._verdicts[VerifyResult.NOT_FOUND].inc()
-            return _NOT_FOUND
+            return NOT_FOUND
         now = time.time()
         memo_key = (tuple(required_scopes), resource) if required_scopes or resource else None
-        memo: _Memo | None = entry.verdicts.get(memo_key)
+        memo: Memo | None = entry.verdicts.get(memo_key)
         if memo is not None and now < memo.until:
             if now >= memo.next_use:  # a use is worth noting at most once a minute (usage.py)
                 memo.next_use = now + MIN_WRITE_INTERVAL
@@ -366,7 +373,7 @@ class KeyService:
             memo.counter.inc()
             return memo.verdict
         # Validated here, before anything is stored: a memo hit then needs no validation.
-        required = _required(required_scopes, resource)
+        required = validated_requirements(required_scopes, resource)
         verdict = self._verdict_for(record, required, resource, now, entry.verdicts, memo_key)
         self._verdicts[verdict.result].inc()
         return verdict
@@ -377,8 +384,8 @@ class KeyService:
             text = secret.decode()
         except UnicodeDecodeError:
             return None  # the full path refuses the request as unparsable
-        _required(required_scopes, resource)  # bad scopes are a bad request, whatever the key
-        verdict = _MALFORMED if parse_key(text) is None else _NOT_FOUND
+        validated_requirements(required_scopes, resource)  # bad scopes are a bad request, whatever the key
+        verdict = MALFORMED if parse_key(text) is None else NOT_FOUND
         self._verdicts[verdict.result].inc()
         return verdict
 
@@ -389,15 +396,15 @@ class KeyService:
         well-formed secrets (ours) ever reach the cache. Anything else is checked for format
         before any query, so malformed keys cost no database work.
         """
-        required = _required(required_scopes, resource)  # bad input is refused before any lookup
+        required = validated_requirements(required_scopes, resource)  # bad input is refused before any lookup
         if len(secret) > MAX_KEY_LENGTH:  # refuse before hashing: no paying for megabyte "keys"
-            return _MALFORMED
+            return MALFORMED
         secret_hash = hash_key(secret)
         entry = self._cache.peek(secret_hash)
         if entry is not None:
             record = entry.record
         elif parse_key(secret) is None:
-            return _MALFORMED
+            return MALFORMED
         else:
             record = await self._cache.load(secret_hash)
         return self._verdict_for(record, required, resource, time.time())
@@ -420,16 +427,16 @@ class KeyService:
         only until ``holds_until``.
         """
         if record is None:
-            return _NOT_FOUND
+            return NOT_FOUND
         result = judge(record, required, resource, _utc(now))
         verdict = Verification(result, record, memos is not None)
         valid = result is VerifyResult.VALID
         if valid:
             self._usage.record(record.id, now)
         if memos is not None:
-            if len(memos) >= _MAX_VERDICTS_PER_KEY:  # callers varying scopes without end
+            if len(memos) >= MAX_VERDICTS_PER_KEY:  # callers varying scopes without end
                 memos.clear()
-            memos[memo_key] = _Memo(
+            memos[memo_key] = Memo(
                 verdict,
                 holds_until(record, result),
                 self._verdicts[result],
@@ -438,65 +445,9 @@ class KeyService:
         return verdict
 
 
-@dataclass(slots=True)
-class _Memo:
-    """A verdict judged for one cached snapshot (with scopes and resource), as verify_cached reuses it.
-
-    Beside the verdict: until when it holds, its result's counter, and when a use of the key is
-    next worth noting (usage writes a key at most once a minute, so the notes between are skipped).
-    """
-
-    verdict: Verification
-    until: float
-    counter: HotCounter
-    next_use: float
-
-
-def _required(required_scopes: Sequence[str], resource: str) -> Sequence[str]:
-    """The validated required scopes (InvalidArgument names every bad field)."""
-    if not required_scopes and not resource:
-        return ()
-    errors = Violations()
-    required = check_scopes(required_scopes, errors, field="required_scopes")
-    if resource:
-        check_resource(resource, errors, "resource")
-    errors.raise_if_any()
-    return required
-
-
-_MALFORMED: Final = Verification(VerifyResult.MALFORMED, None, True)
-_NOT_FOUND: Final = Verification(VerifyResult.NOT_FOUND, None, True)
-_MAX_VERDICTS_PER_KEY: Final = 8
-"""Scope and resource combinations memoized per cached key; past this the memo starts over."""
 _AUTH_FAILURES = {
     VerifyResult.MALFORMED: "CREDENTIALS_MALFORMED",
     VerifyResult.NOT_FOUND: "CREDENTIALS_UNKNOWN",
     VerifyResult.REVOKED: "CREDENTIALS_REVOKED",
     VerifyResult.EXPIRED: "CREDENTIALS_EXPIRED",
 }
-
-
-def holds_until(record: KeyRecord, result: VerifyResult) -> float:
-    """Until when (POSIX seconds) ``judge`` keeps giving ``result`` for this snapshot.
-
-    ``judge`` reads the clock only to compare it with expire_time: REVOKED and EXPIRED are final
-    for a snapshot, and every other verdict turns EXPIRED once expire_time has passed. Keep this
-    next to ``judge`` and in step with it.
-    """
-    if result is VerifyResult.REVOKED or result is VerifyResult.EXPIRED or record.expire_time is None:
-        return math.inf
-    return record.expire_time.timestamp()
-
-
-def judge(record: KeyRecord, required: Sequence[str], resource: str, now: datetime) -> VerifyResult:
-    """The verdict for an existing key, checks in contract order (a revoked key is REVOKED first)."""
-    state = record.state(now)
-    if state is KeyState.REVOKED:
-        return VerifyResult.REVOKED
-    if state is KeyState.EXPIRED:
-        return VerifyResult.EXPIRED
-    if required and not all(scope_covers(record.scopes, scope) for scope in required):
-        return VerifyResult.INSUFFICIENT_SCOPE
-    if resource and record.resources and resource not in record.resources:
-        return VerifyResult.FORBIDDEN_RESOURCE
-    return VerifyResult.VALID
