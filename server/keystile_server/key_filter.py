@@ -111,10 +111,14 @@ class KeyFilter:
         for bits in (self._live, self._building):
             if bits is not None:
                 bits.add_many(digest)
+        if self._task is None or self._task.done():
+            self._grow_if_full()
+
+    def _grow_if_full(self) -> None:
+        """Past its design load, rebuild larger; the full filter answers meanwhile."""
         live = self._live
-        loading = self._task is not None and not self._task.done()
-        if live is not None and live.count > live.capacity and not loading:
-            self._start(keep_serving=True)  # past its design load: rebuild larger meanwhile
+        if live is not None and live.count > live.capacity:
+            self._start(keep_serving=True)
 
     def start(self) -> None:
         """The listener (re)connected: load afresh; untrusted until the load completes."""
@@ -154,9 +158,7 @@ class KeyFilter:
             self._task.add_done_callback(self._loaded)
             return
         self._retry_delay = RETRY_DELAY[0]
-        live = self._live
-        if live is not None and live.count > live.capacity:  # the estimate was short: grow now
-            self._start(keep_serving=True)
+        self._grow_if_full()  # the row estimate it was sized from may have been short
 
     async def _retry(self) -> None:
         await asyncio.sleep(self._retry_delay)

@@ -19,9 +19,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
-from psycopg import AsyncConnection
-from psycopg.rows import TupleRow
-from psycopg_pool import AsyncConnectionPool
 
 from keystile.v1 import keys_pb2
 
@@ -156,7 +153,6 @@ class KeystileServer:
         self._grpc: grpc.aio.Server | None = None
         self._embedded: EmbeddedPostgres | None = None
         self._store: KeyStore | None = None
-        self._pool: AsyncConnectionPool[AsyncConnection[TupleRow]] | None = None
         self._usage: UsageRecorder | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._ready = asyncio.Event()
@@ -246,7 +242,6 @@ class KeystileServer:
                 _log.debug("database connection error", exc_info=True)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _MAX_BACKOFF)
-        self._pool = pool
         store = KeyStore(pool, on_query=self.metrics.count_query, on_outage=self._database_outage)
         self._store = store
         self._usage = UsageRecorder(store, flush_interval=self.settings.usage_flush_interval)
@@ -353,10 +348,8 @@ class KeystileServer:
         if self._usage is not None:
             await self._usage.flush()
         self.metrics.publish()
-        if self._store is not None:
+        if self._store is not None:  # it owns the pool (an outage may have replaced the first)
             await self._store.close()
-        elif self._pool is not None:
-            await self._pool.close()
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         if self._metrics_http is not None:

@@ -147,10 +147,7 @@ class Subscription:
 
     def close(self) -> None:
         """Unsubscribe (the stream ended on its own)."""
-        if self.ended is None:
-            self.ended = EventsUnavailable("unsubscribed")
-            self._queue.clear()
-            self._hub._forget(self)
+        self._end(EventsUnavailable("unsubscribed"))
 
 
 class KeyEventHub:

@@ -153,17 +153,15 @@ class GuardedPool:
         if self.outage:
             raise StoreUnavailable()
         deadline = time.monotonic() + self.timeout
-        try:
-            return await self._attempt(query, deadline)
-        except _DeadConnection as dead:
-            if not retry or dead.slow or time.monotonic() >= deadline:
-                _log.warning("database unavailable in %s: %s", operation, dead.cause)
-                raise StoreUnavailable() from dead.__cause__
-        try:
-            return await self._attempt(query, deadline)
-        except _DeadConnection as dead:
-            _log.warning("database unavailable in %s: %s", operation, dead.cause)
-            raise StoreUnavailable() from dead.__cause__
+        attempts = 2 if retry else 1
+        while True:
+            attempts -= 1
+            try:
+                return await self._attempt(query, deadline)
+            except _DeadConnection as dead:
+                if not attempts or dead.slow or time.monotonic() >= deadline:
+                    _log.warning("database unavailable in %s: %s", operation, dead.cause)
+                    raise StoreUnavailable() from dead.__cause__
 
     async def probe(self, timeout: float) -> None:
         """``SELECT 1`` within ``timeout``, ignoring a known outage; success ends it.
@@ -210,8 +208,8 @@ class GuardedPool:
     async def close(self) -> None:
         """Close the pool (the one in use now: an outage may have replaced the first).
 
-        Pools being closed or drained in the background are waited for too (briefly), so that
-        none of their worker tasks outlives the server.
+        Pools being closed in the background (replaced after an outage) are waited for too,
+        briefly, so that none of their worker tasks outlives the server.
         """
         await self.pool.close()
         if self._housekeeping:
@@ -226,7 +224,7 @@ class GuardedPool:
                 silent_after = time.monotonic() + self.timeout + self._silence_grace
                 return await self._bounded(conn, query, silent_after)
         except _StatementTimeout as exc:
-            self._enter_outage(f"no answer within {self.timeout:g}s")
+            self._enter_outage(str(exc))
             raise _DeadConnection(str(exc)) from None
         except psycopg.errors.QueryCanceled as exc:
             raise _DeadConnection(f"statement cancelled after {self.timeout:g}s", slow=True) from exc
