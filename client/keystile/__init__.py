@@ -20,6 +20,7 @@ from ._errors import (
     UnavailableError,
 )
 from ._format import KEY_PATTERN, generate_key, hash_key, is_well_formed, parse_key
+from ._limits import credits, owner_policy, rate_limit
 from .v1.keys_pb2 import Key, KeyState, VerifyResult
 
 __all__ = [
@@ -41,8 +42,11 @@ __all__ = [
     "UnavailableError",
     "VerifyResult",
     "create_key_request",
+    "credits",
     "generate_key",
     "hash_key",
     "is_well_formed",
+    "owner_policy",
     "parse_key",
+    "rate_limit",
 ]

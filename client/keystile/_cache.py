@@ -12,6 +12,11 @@ verdict from outliving the truth is here, in one place, so that the sync and asy
   lookup racing a revocation cannot put the old answer back.
 - No verdict is served older than ``max_staleness`` (the smaller of the client's and the
   server's), nor past the key's own ``expire_time``.
+- A key with limits or credits (its responses carry ``limit``) is admitted from memory only
+  while units leased from the server last (``_Allowance``): the client asks for ``lease_units``
+  with every verification it sends, spends them until the lease's ``valid_for`` (counted from
+  when the request was sent) and answers a refusal from memory until its ``reset``. Units are
+  dropped, never given back, with the key's verdicts.
 """
 
 from __future__ import annotations
@@ -31,6 +36,23 @@ SILENCE_FACTOR: Final = 3.0
 
 _Entry = tuple[keys_pb2.VerifyKeyResponse, float, float]  # response, stale-after, expires-at (wall)
 _NEVER: Final = float("inf")
+MAX_LEASE: Final = 1_000
+"""The most units a caching client asks to hold for one key."""
+_REFUSALS: Final = frozenset({keys_pb2.VERIFY_RESULT_RATE_LIMITED, keys_pb2.VERIFY_RESULT_USAGE_EXCEEDED})
+
+
+class _Allowance:
+    """Units leased for one key, the VALID response they answer with, and a refusal's deadline."""
+
+    __slots__ = ("refusal", "refused_until", "response", "units", "until", "want")
+
+    def __init__(self) -> None:
+        self.units = 0
+        self.until = -_NEVER
+        self.response: keys_pb2.VerifyKeyResponse | None = None
+        self.refusal: keys_pb2.VerifyKeyResponse | None = None
+        self.refused_until = -_NEVER
+        self.want = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +95,7 @@ class VerdictCache:
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple[bytes, tuple[str, ...], str], _Entry] = OrderedDict()
         self._by_hash: dict[bytes, set[tuple[bytes, tuple[str, ...], str]]] = {}
+        self._allowances: dict[bytes, _Allowance] = {}
         self._live = False
         self._silent_after = 0.0
         self._heartbeat = 0.0
@@ -114,9 +137,63 @@ class VerdictCache:
         pending = PendingVerdict(hash_key(key), tuple(required_scopes), resource, self.epoch)
         return self.get(pending.secret_hash, pending.scopes, resource), pending
 
-    def store(self, pending: PendingVerdict, response: keys_pb2.VerifyKeyResponse) -> None:
-        """Keep the server's answer to ``pending``, unless anything changed since it was asked."""
+    def store(
+        self, pending: PendingVerdict, response: keys_pb2.VerifyKeyResponse, sent: float | None = None
+    ) -> None:
+        """Keep the server's answer to ``pending``, unless anything changed since it was asked.
+
+        ``sent`` is when (this cache's clock) the request left: a lease's units last from then.
+        """
+        if response.HasField("limit"):
+            self._leased(pending, response, self._clock() if sent is None else sent)
         self.put(pending.secret_hash, pending.scopes, pending.resource, response, pending.epoch)
+
+    def spend(self, secret_hash: bytes, cost: int) -> keys_pb2.VerifyKeyResponse | None:
+        """For a cached verdict that carries ``limit``: the answer from leased units, or None.
+
+        None means: ask the server (with ``lease_size`` units) and ``store`` its answer.
+        """
+        now = self._clock()
+        with self._lock:
+            allowance = self._allowances.get(secret_hash)
+            if allowance is None:
+                return None
+            if now < allowance.refused_until:
+                return allowance.refusal
+            if allowance.units >= cost and now < allowance.until:
+                allowance.units -= cost
+                return allowance.response
+            return None
+
+    def lease_size(self, secret_hash: bytes) -> int:
+        """How many units to ask for with the next verification of this key."""
+        now = self._clock()
+        with self._lock:
+            if not self._live:
+                return 0  # nothing leased could be kept: ask for no more than this call's units
+            allowance = self._allowances.get(secret_hash)
+            if allowance is None:
+                return 8
+            if now < allowance.until and allowance.units == 0:  # used up early: a busy key
+                allowance.want = min(allowance.want * 2, MAX_LEASE)
+            elif now >= allowance.until and allowance.units > 0:  # expired unspent
+                allowance.want = max(allowance.want // 2, 1)
+            return allowance.want
+
+    def _leased(self, pending: PendingVerdict, response: keys_pb2.VerifyKeyResponse, sent: float) -> None:
+        with self._lock:
+            if not self._live or pending.epoch != self.epoch:
+                return  # the key changed meanwhile: units leased for the old one are dropped
+            allowance = self._allowances.setdefault(pending.secret_hash, _Allowance())
+            if response.result in _REFUSALS:
+                allowance.units = 0
+                reset = response.limit.reset.ToNanoseconds() / 1e9
+                allowance.refusal = response
+                allowance.refused_until = sent + (reset if reset > 0 else self._max_staleness)
+            elif response.result == keys_pb2.VERIFY_RESULT_VALID:
+                allowance.response = response
+                allowance.units = response.lease.units
+                allowance.until = sent + response.lease.valid_for.ToNanoseconds() / 1e9
 
     @property
     def live(self) -> bool:
@@ -174,6 +251,7 @@ class VerdictCache:
             self.epoch += 1
             self._silent_after = self._clock() + SILENCE_FACTOR * self._heartbeat
             for secret_hash in hashes:
+                self._allowances.pop(secret_hash, None)
                 for key in self._by_hash.pop(secret_hash, ()):
                     self._entries.pop(key, None)
                     self._invalidations += 1
@@ -189,6 +267,7 @@ class VerdictCache:
             self._resets += 1
         self._entries.clear()
         self._by_hash.clear()
+        self._allowances.clear()
         self._live = live
 
     def stats(self) -> CacheStats:

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -22,6 +23,7 @@ import grpc
 
 from ._cache import SILENCE_FACTOR, CacheStats, VerdictCache, apply_event
 from ._errors import from_rpc_error
+from ._limits import update_credits_request
 from .v1 import keys_pb2, keys_pb2_grpc
 
 DEFAULT_TARGET: Final = "127.0.0.1:50051"
@@ -48,6 +50,8 @@ class CreateKeyOptions(TypedDict, total=False):
     expire_time: datetime | None
     rate_limit_per_minute: int
     metadata: Mapping[str, Any] | None
+    limits: Iterable[keys_pb2.RateLimit]
+    credits: keys_pb2.Credits | int | None
 
 
 def create_key_request(
@@ -61,8 +65,14 @@ def create_key_request(
     expire_time: datetime | None = None,
     rate_limit_per_minute: int = 0,
     metadata: Mapping[str, Any] | None = None,
+    limits: Iterable[keys_pb2.RateLimit] = (),
+    credits: keys_pb2.Credits | int | None = None,
 ) -> keys_pb2.CreateKeyRequest:
-    """Build a CreateKeyRequest; ``ttl`` in seconds or as a timedelta, at most one of ttl/expire_time."""
+    """Build a CreateKeyRequest; ``ttl`` in seconds or as a timedelta, at most one of ttl/expire_time.
+
+    ``limits`` come from ``keystile.rate_limit``; ``credits`` is a starting balance or a message
+    from ``keystile.credits`` (with a refill).
+    """
     if ttl is not None and expire_time is not None:
         raise ValueError("give ttl or expire_time, not both")
     request = keys_pb2.CreateKeyRequest(
@@ -72,7 +82,12 @@ def create_key_request(
         resources=list(resources),
         prefix=prefix,
         rate_limit_per_minute=rate_limit_per_minute,
+        limits=list(limits),
     )
+    if credits is not None:
+        request.credits.CopyFrom(
+            credits if isinstance(credits, keys_pb2.Credits) else keys_pb2.Credits(remaining=credits)
+        )
     if ttl is not None:
         request.ttl.FromTimedelta(ttl if isinstance(ttl, timedelta) else timedelta(seconds=ttl))
     if expire_time is not None:
@@ -82,6 +97,15 @@ def create_key_request(
     if metadata:
         request.metadata.update(dict(metadata))
     return request
+
+
+def verify_request(
+    key: str, required_scopes: Iterable[str], resource: str, cost: int = 0, lease_units: int = 0
+) -> keys_pb2.VerifyKeyRequest:
+    """A VerifyKeyRequest (``lease_units``: what a caching client asks to spend from memory)."""
+    return keys_pb2.VerifyKeyRequest(
+        key=key, required_scopes=list(required_scopes), resource=resource, cost=cost, lease_units=lease_units
+    )
 
 
 def _timeout(timeout: float | None, default: float) -> float:
@@ -274,29 +298,83 @@ class Client:
         )
         return response.key
 
+    def set_owner_policy(
+        self, policy: keys_pb2.OwnerPolicy, *, timeout: float | None = None
+    ) -> keys_pb2.OwnerPolicy:
+        """Replace an owner's policy (admin only); build it with ``keystile.owner_policy``."""
+        response: keys_pb2.SetOwnerPolicyResponse = self._call(
+            self._stub.SetOwnerPolicy, keys_pb2.SetOwnerPolicyRequest(policy=policy), timeout
+        )
+        return response.policy
+
+    def get_owner_policy(self, owner_id: str, *, timeout: float | None = None) -> keys_pb2.OwnerPolicy:
+        """An owner's policy; NotFoundError when it has none."""
+        response: keys_pb2.GetOwnerPolicyResponse = self._call(
+            self._stub.GetOwnerPolicy, keys_pb2.GetOwnerPolicyRequest(owner_id=owner_id), timeout
+        )
+        return response.policy
+
+    def delete_owner_policy(self, owner_id: str, *, timeout: float | None = None) -> None:
+        """Remove an owner's policy (admin only; idempotent)."""
+        self._call(
+            self._stub.DeleteOwnerPolicy, keys_pb2.DeleteOwnerPolicyRequest(owner_id=owner_id), timeout
+        )
+
+    def get_credits(self, key_id: str, *, timeout: float | None = None) -> keys_pb2.Credits:
+        """A key's credits, ``remaining`` being the balance neither spent nor leased."""
+        response: keys_pb2.GetCreditsResponse = self._call(
+            self._stub.GetCredits, keys_pb2.GetCreditsRequest(id=key_id), timeout
+        )
+        return response.credits
+
+    def update_credits(
+        self, key_id: str, *, set_to: int | None = None, add: int | None = None, timeout: float | None = None
+    ) -> keys_pb2.Credits:
+        """Set a key's balance, or add to it (admin only)."""
+        response: keys_pb2.UpdateCreditsResponse = self._call(
+            self._stub.UpdateCredits, update_credits_request(key_id, set_to=set_to, add=add), timeout
+        )
+        return response.credits
+
     def verify_key(
         self,
         key: str,
         *,
         required_scopes: Iterable[str] = (),
         resource: str = "",
+        cost: int = 0,
         timeout: float | None = None,
     ) -> keys_pb2.VerifyKeyResponse:
-        """The verdict on a presented key; a refusal is a result code, not an exception."""
+        """The verdict on a presented key; a refusal is a result code, not an exception.
+
+        ``cost`` is how many units of the key's limits and credits a VALID answer spends (0: 1).
+        """
         cache = self._cache
         if cache is None:
-            return self._verify(key, required_scopes, resource, timeout)
+            return self._verify(key, required_scopes, resource, timeout, cost)
         cached, pending = cache.lookup(key, required_scopes, resource)
         if cached is not None:
-            return cached
-        response = self._verify(key, pending.scopes, resource, timeout)
-        cache.store(pending, response)
+            if not cached.HasField("limit"):
+                return cached
+            spent = cache.spend(pending.secret_hash, cost or 1)
+            if spent is not None:
+                return spent
+        sent = time.monotonic()
+        lease = cache.lease_size(pending.secret_hash)
+        response = self._verify(key, pending.scopes, resource, timeout, cost, lease)
+        cache.store(pending, response, sent)
         return response
 
     def _verify(
-        self, key: str, required_scopes: Iterable[str], resource: str, timeout: float | None
+        self,
+        key: str,
+        required_scopes: Iterable[str],
+        resource: str,
+        timeout: float | None,
+        cost: int = 0,
+        lease_units: int = 0,
     ) -> keys_pb2.VerifyKeyResponse:
-        request = keys_pb2.VerifyKeyRequest(key=key, required_scopes=list(required_scopes), resource=resource)
+        request = verify_request(key, required_scopes, resource, cost, lease_units)
         response: keys_pb2.VerifyKeyResponse = self._call(self._stub.VerifyKey, request, timeout)
         return response
 
@@ -447,30 +525,84 @@ class AsyncClient:
         )
         return response.key
 
+    async def set_owner_policy(
+        self, policy: keys_pb2.OwnerPolicy, *, timeout: float | None = None
+    ) -> keys_pb2.OwnerPolicy:
+        """Replace an owner's policy (admin only); build it with ``keystile.owner_policy``."""
+        response: keys_pb2.SetOwnerPolicyResponse = await self._call(
+            self._stub.SetOwnerPolicy, keys_pb2.SetOwnerPolicyRequest(policy=policy), timeout
+        )
+        return response.policy
+
+    async def get_owner_policy(self, owner_id: str, *, timeout: float | None = None) -> keys_pb2.OwnerPolicy:
+        """An owner's policy; NotFoundError when it has none."""
+        response: keys_pb2.GetOwnerPolicyResponse = await self._call(
+            self._stub.GetOwnerPolicy, keys_pb2.GetOwnerPolicyRequest(owner_id=owner_id), timeout
+        )
+        return response.policy
+
+    async def delete_owner_policy(self, owner_id: str, *, timeout: float | None = None) -> None:
+        """Remove an owner's policy (admin only; idempotent)."""
+        await self._call(
+            self._stub.DeleteOwnerPolicy, keys_pb2.DeleteOwnerPolicyRequest(owner_id=owner_id), timeout
+        )
+
+    async def get_credits(self, key_id: str, *, timeout: float | None = None) -> keys_pb2.Credits:
+        """A key's credits, ``remaining`` being the balance neither spent nor leased."""
+        response: keys_pb2.GetCreditsResponse = await self._call(
+            self._stub.GetCredits, keys_pb2.GetCreditsRequest(id=key_id), timeout
+        )
+        return response.credits
+
+    async def update_credits(
+        self, key_id: str, *, set_to: int | None = None, add: int | None = None, timeout: float | None = None
+    ) -> keys_pb2.Credits:
+        """Set a key's balance, or add to it (admin only)."""
+        response: keys_pb2.UpdateCreditsResponse = await self._call(
+            self._stub.UpdateCredits, update_credits_request(key_id, set_to=set_to, add=add), timeout
+        )
+        return response.credits
+
     async def verify_key(
         self,
         key: str,
         *,
         required_scopes: Iterable[str] = (),
         resource: str = "",
+        cost: int = 0,
         timeout: float | None = None,
     ) -> keys_pb2.VerifyKeyResponse:
-        """The verdict on a presented key; a refusal is a result code, not an exception."""
+        """The verdict on a presented key; a refusal is a result code, not an exception.
+
+        ``cost`` is how many units of the key's limits and credits a VALID answer spends (0: 1).
+        """
         cache = self._cache
         if cache is None:
-            return await self._verify(key, required_scopes, resource, timeout)
+            return await self._verify(key, required_scopes, resource, timeout, cost)
         if self._watcher is None:
             self._watcher = asyncio.get_running_loop().create_task(self._watch(), name="keystile-watch")
         cached, pending = cache.lookup(key, required_scopes, resource)
         if cached is not None:
-            return cached
-        response = await self._verify(key, pending.scopes, resource, timeout)
-        cache.store(pending, response)
+            if not cached.HasField("limit"):
+                return cached
+            spent = cache.spend(pending.secret_hash, cost or 1)
+            if spent is not None:
+                return spent
+        sent = time.monotonic()
+        lease = cache.lease_size(pending.secret_hash)
+        response = await self._verify(key, pending.scopes, resource, timeout, cost, lease)
+        cache.store(pending, response, sent)
         return response
 
     async def _verify(
-        self, key: str, required_scopes: Iterable[str], resource: str, timeout: float | None
+        self,
+        key: str,
+        required_scopes: Iterable[str],
+        resource: str,
+        timeout: float | None,
+        cost: int = 0,
+        lease_units: int = 0,
     ) -> keys_pb2.VerifyKeyResponse:
-        request = keys_pb2.VerifyKeyRequest(key=key, required_scopes=list(required_scopes), resource=resource)
+        request = verify_request(key, required_scopes, resource, cost, lease_units)
         response: keys_pb2.VerifyKeyResponse = await self._call(self._stub.VerifyKey, request, timeout)
         return response

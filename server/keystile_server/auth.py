@@ -14,6 +14,8 @@ from datetime import datetime
 from typing import Final
 
 from .errors import FieldViolation, PermissionDenied
+from .limits.rules import weaker_limits
+from .model import CreditTerms, RateLimit
 from .validation import ADMIN_SCOPE, scope_covers
 
 KEYS_READ: Final = "keys:read"
@@ -34,6 +36,8 @@ class Caller:
     expire_time: datetime | None = None
     key_hash: bytes = field(default=b"", repr=False)
     """The SHA-256 of the caller's key (empty for the static admin key): what its events name."""
+    limits: tuple[RateLimit, ...] = ()
+    credits: CreditTerms | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -73,8 +77,10 @@ def check_no_escalation(
     resources: Sequence[str],
     expire_time: datetime | None,
     expiry_field: str,
+    limits: Sequence[RateLimit] = (),
+    credits: CreditTerms | None = None,
 ) -> None:
-    """A non-admin may only mint keys weaker than its own: scopes, resources, and lifetime."""
+    """A non-admin may only mint keys weaker than its own: scopes, resources, lifetime, limits."""
     if caller.is_admin:
         return
     denied: list[FieldViolation] = []
@@ -91,6 +97,7 @@ def check_no_escalation(
                 denied.append(FieldViolation(f"resources[{index}]", "is outside the caller's own resources"))
     if caller.expire_time is not None and (expire_time is None or expire_time > caller.expire_time):
         denied.append(FieldViolation(expiry_field, "must expire no later than the caller's own key"))
+    denied += weaker_limits(caller.limits, caller.credits, limits, credits)
     if denied:
         fields = ", ".join(v.field for v in denied)
         raise PermissionDenied(f"the new key would exceed the caller's own: {fields}", "ESCALATION", denied)

@@ -9,6 +9,9 @@ maps each class to exactly one gRPC status code and ErrorInfo reason::
     ├── Unauthenticated        UNAUTHENTICATED   (reason says which: missing, malformed, unknown, ...)
     ├── PermissionDenied       PERMISSION_DENIED
     ├── KeyNotFound            NOT_FOUND
+    ├── PolicyNotFound         NOT_FOUND         (GetOwnerPolicy: the owner has no policy)
+    ├── NoCredits              FAILED_PRECONDITION (credits RPCs on a key without credits)
+    ├── KeyLimitReached        RESOURCE_EXHAUSTED (CreateKey: the owner holds max_active_keys)
     ├── AdminKeyExists         FAILED_PRECONDITION
     ├── StoreUnavailable       UNAVAILABLE
     ├── LookupsOverloaded      UNAVAILABLE       (too many lookups already waiting for the database)
@@ -99,6 +102,35 @@ class KeyNotFound(KeystileError):
 
     def __init__(self) -> None:
         super().__init__("key not found")
+
+
+class PolicyNotFound(KeystileError):
+    """The owner has no policy."""
+
+    reason = "POLICY_NOT_FOUND"
+
+    def __init__(self) -> None:
+        super().__init__("the owner has no policy")
+
+
+class NoCredits(KeystileError):
+    """The key carries no credits, so there is no balance to read or change."""
+
+    reason = "KEY_HAS_NO_CREDITS"
+
+    def __init__(self) -> None:
+        super().__init__("the key has no credits; create it with credits to meter its uses")
+
+
+class KeyLimitReached(KeystileError):
+    """The owner already holds as many active keys as its policy allows."""
+
+    reason = "KEY_LIMIT_REACHED"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"the owner already holds {limit} active keys, its policy's max_active_keys; revoke one first"
+        )
 
 
 class StoreUnavailable(KeystileError):

@@ -6,21 +6,28 @@ domain's, and every error leaves through ``rpc_errors``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Final
 
 import grpc
-from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
-from google.protobuf.message import DecodeError, Message
+from google.protobuf import json_format, struct_pb2
+from google.protobuf.message import Message
 
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
 from .errors import InvalidArgument, StoreUnavailable, violation_error
+from .limit_handlers import (
+    LimitHandlers,
+    credits_from_proto,
+    credits_to_proto,
+    limit_specs,
+    limits_to_proto,
+    usage_bytes,
+)
 from .model import KeyRecord, KeyState, Verification, VerifyResult
 from .rpc_errors import abort_for, translate_errors
-from .service import KeyService, KeySpec, utc_now
-
-M = TypeVar("M", bound=Message)
+from .service import KeySpec, utc_now
+from .wire import authorization, duration, parse_request, set_timestamp
 
 _STATES = {
     KeyState.ACTIVE: keys_pb2.KEY_STATE_ACTIVE,
@@ -44,31 +51,19 @@ def key_to_proto(record: KeyRecord, now: datetime) -> keys_pb2.Key:
         state=_STATES[record.state(now)],
         revoke_reason=record.revoke_reason or "",
         created_by=record.created_by or "",
+        limits=limits_to_proto(record.limits),
     )
+    if record.credits is not None:
+        key.credits.CopyFrom(credits_to_proto(record.credits))
     key.metadata.update(record.metadata)
-    _set_timestamp(key.create_time, record.create_time)
+    set_timestamp(key.create_time, record.create_time)
     if record.expire_time is not None:
-        _set_timestamp(key.expire_time, record.expire_time)
+        set_timestamp(key.expire_time, record.expire_time)
     if record.revoke_time is not None:
-        _set_timestamp(key.revoke_time, record.revoke_time)
+        set_timestamp(key.revoke_time, record.revoke_time)
     if record.last_used_time is not None:
-        _set_timestamp(key.last_used_time, record.last_used_time)
+        set_timestamp(key.last_used_time, record.last_used_time)
     return key
-
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_SECOND: Final = timedelta(seconds=1)
-
-
-def _set_timestamp(field: timestamp_pb2.Timestamp, value: datetime) -> None:
-    """``field.FromDatetime(value)`` for an aware datetime, exactly, at a quarter of the cost.
-
-    Timestamp.FromDatetime is pure Python in protobuf; every uncached VerifyKey (and every key a
-    read RPC returns) builds one to four of them.
-    """
-    elapsed = value - _EPOCH
-    field.seconds = elapsed // _SECOND
-    field.nanos = elapsed.microseconds * 1000
 
 
 def _metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
@@ -101,49 +96,25 @@ def key_only(request: bytes) -> bytes | None:
     return None
 
 
-def parse_request(message_type: type[M], data: bytes) -> M:
-    """``data`` parsed as ``message_type``; INVALID_ARGUMENT (field ``request``) when it cannot be.
-
-    Every KeyService method takes its request as bytes and parses it here, so that bytes that
-    are not the message (or nest deeper than the parser allows) are a bad request, answered
-    like any other, rather than gRPC's UNKNOWN and a traceback in the log.
-    """
-    try:
-        return message_type.FromString(data)
-    except DecodeError as exc:
-        raise violation_error("request", f"is not a valid {message_type.DESCRIPTOR.full_name}") from exc
-
-
-def duration(field: str, value: duration_pb2.Duration) -> timedelta:
-    """A Duration as a timedelta; INVALID_ARGUMENT naming ``field`` when it is out of range."""
-    try:
-        return value.ToTimedelta()
-    except (ValueError, OverflowError) as exc:
-        raise violation_error(field, "is not a valid duration") from exc
-
-
-def _authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """The caller's ``authorization`` metadata value, or "" when absent."""
-    for key, value in context.invocation_metadata() or ():
-        if key == "authorization" and isinstance(value, str):
-            return value
-    return ""
-
-
 _MAX_MEMO: Final = 50_000
 
 
-class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
+class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
     """The KeyService servicer; answers UNAVAILABLE until the domain service is attached."""
 
     def __init__(self) -> None:
-        self.service: KeyService | None = None
+        self.service = None
         # Serialized VerifyKey responses, by the identity of a reused verdict (see Verification):
         # cached keys get the same verdict object call after call, so the Key message is built and
         # serialized once per snapshot instead of on every call.
         self._responses: dict[int, tuple[Verification, bytes]] = {}
+        # For keys with limits, the response without its limit and lease fields, by the snapshot's
+        # identity and the result: every call appends only its own usage_bytes.
+        self._heads: dict[tuple[int, VerifyResult], tuple[KeyRecord, bytes]] = {}
 
     def _verify_response(self, verdict: Verification) -> bytes:
+        if verdict.limit is not None or verdict.lease is not None:
+            return self._head(verdict) + usage_bytes(verdict.limit, verdict.lease)
         if verdict.reused:
             memo = self._responses.get(id(verdict))
             if memo is not None and memo[0] is verdict:  # the id is only trusted for the same object
@@ -156,10 +127,22 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             self._responses[id(verdict)] = (verdict, serialized)
         return serialized
 
-    def _service(self) -> KeyService:
-        if self.service is None:
-            raise StoreUnavailable()
-        return self.service
+    def _head(self, verdict: Verification) -> bytes:
+        record = verdict.key
+        assert record is not None  # limits are only spent for existing keys
+        memo_key = (id(record), verdict.result)
+        memo = self._heads.get(memo_key)
+        if memo is not None and memo[0] is record:
+            return memo[1]
+        head = keys_pb2.VerifyKeyResponse(
+            result=_RESULTS[verdict.result], key=key_to_proto(record, utc_now())
+        ).SerializeToString()
+        if len(self._heads) >= _MAX_MEMO:
+            self._heads.clear()
+        self._heads[memo_key] = (record, head)
+        return head
+
+    _service = LimitHandlers._limits_service
 
     @translate_errors
     async def CreateKey(
@@ -178,8 +161,10 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             expire_time=_expire_time(request),
             rate_limit_per_minute=request.rate_limit_per_minute,
             metadata=_metadata(request.metadata),
+            limits=limit_specs(request.limits),
+            credits=credits_from_proto(request.credits) if request.HasField("credits") else None,
         )
-        created = await self._service().create_key(spec, authorization=_authorization(context))
+        created = await self._service().create_key(spec, authorization=authorization(context))
         return keys_pb2.CreateKeyResponse(key=key_to_proto(created.key, utc_now()), secret=created.secret)
 
     @translate_errors
@@ -189,7 +174,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
         context: grpc.aio.ServicerContext[keys_pb2.GetKeyRequest, keys_pb2.GetKeyResponse],
     ) -> keys_pb2.GetKeyResponse:
         """Return one key."""
-        record = await self._service().get_key(request.id, authorization=_authorization(context))
+        record = await self._service().get_key(request.id, authorization=authorization(context))
         return keys_pb2.GetKeyResponse(key=key_to_proto(record, utc_now()))
 
     @translate_errors
@@ -204,7 +189,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             include_inactive=request.include_inactive,
-            authorization=_authorization(context),
+            authorization=authorization(context),
         )
         now = utc_now()
         return keys_pb2.ListKeysResponse(
@@ -219,7 +204,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
     ) -> keys_pb2.RevokeKeyResponse:
         """Revoke a key."""
         record = await self._service().revoke_key(
-            request.id, request.reason, authorization=_authorization(context)
+            request.id, request.reason, authorization=authorization(context)
         )
         return keys_pb2.RevokeKeyResponse(key=key_to_proto(record, utc_now()))
 
@@ -243,16 +228,18 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
             verdict = service.verify_cached(key) if key is not None else None
             if verdict is None:
                 parsed = parse_request(keys_pb2.VerifyKeyRequest, request)
-                scopes, resource = parsed.required_scopes, parsed.resource
-                if key is None:  # not tried above: scopes or a resource come with it
-                    verdict = service.verify_cached(parsed.key.encode(), scopes, resource)
+                scopes, resource, cost = parsed.required_scopes, parsed.resource, parsed.cost
+                if key is None and not parsed.lease_units:  # not tried above: more than a key
+                    verdict = service.verify_cached(parsed.key.encode(), scopes, resource, cost)
                 if verdict is None:
                     verdict = await service.verify_key(
                         parsed.key,
                         scopes,
                         resource,
+                        cost=cost,
+                        lease_units=parsed.lease_units,
                         # Metadata is only read when the mode needs a caller key.
-                        authorization=_authorization(context) if service.verify_auth_required else "",
+                        authorization=authorization(context) if service.verify_auth_required else "",
                     )
             return self._verify_response(verdict)
         except Exception as exc:
@@ -276,7 +263,7 @@ class KeyServiceHandlers(keys_pb2_grpc.KeyServiceServicer):
                 duration("heartbeat_interval", parsed.heartbeat_interval)
                 if parsed.HasField("heartbeat_interval")
                 else None,
-                authorization=_authorization(context),
+                authorization=authorization(context),
             )
             try:
                 ready = keys_pb2.WatchKeyEventsResponse(type=keys_pb2.KEY_EVENT_TYPE_READY)

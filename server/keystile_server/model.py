@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, NamedTuple
 
 
@@ -35,8 +35,52 @@ class VerifyResult(enum.Enum):
     INSUFFICIENT_SCOPE = "insufficient_scope"
     FORBIDDEN_RESOURCE = "forbidden_resource"
     RATE_LIMITED = "rate_limited"
+    USAGE_EXCEEDED = "usage_exceeded"
 
     __hash__ = object.__hash__  # as KeyState's
+
+
+class CreditRefill(enum.Enum):
+    """How often a key's credit balance is reset to its refill amount."""
+
+    NEVER = ""
+    DAILY = "daily"
+    MONTHLY = "monthly"
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``limit + burst`` units in any interval of ``window_ms`` milliseconds."""
+
+    name: str
+    limit: int
+    window_ms: int
+    burst: int = 0
+
+    @property
+    def cap(self) -> int:
+        """The most units one window admits."""
+        return self.limit + self.burst
+
+
+@dataclass(frozen=True, slots=True)
+class CreditTerms:
+    """A key's credits as configured: the starting balance and how it is refilled."""
+
+    remaining: int
+    refill_amount: int = 0
+    refill: CreditRefill = CreditRefill.NEVER
+
+
+@dataclass(frozen=True, slots=True)
+class OwnerPolicy:
+    """The rules every key of one owner is held to (0 / None / () meaning no rule)."""
+
+    owner_id: str
+    max_active_keys: int = 0
+    max_key_lifetime: timedelta | None = None
+    limits: tuple[RateLimit, ...] = ()
+    update_time: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +99,8 @@ class NewKey:
     rate_limit_per_minute: int
     expire_time: datetime | None
     created_by: str | None
+    limits: tuple[RateLimit, ...] = ()
+    credits: CreditTerms | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +123,17 @@ class KeyRecord:
     last_used_time: datetime | None
     created_by: str | None
     secret_hash: bytes = field(default=b"", repr=False)
+    limits: tuple[RateLimit, ...] = ()
+    """The key's own rate limits, ``rate_limit_per_minute`` included (as "per_minute")."""
+    credits: CreditTerms | None = None
+    """The key's credit terms (``remaining`` is 0 here: the balance is read apart), or None."""
+    owner_limits: tuple[RateLimit, ...] = ()
+    """The owner policy's shared limits, on snapshots loaded for verification."""
+
+    @property
+    def limited(self) -> bool:
+        """Whether a VALID verification of this key spends units (of limits or credits)."""
+        return bool(self.limits or self.owner_limits or self.credits is not None)
 
     def state(self, now: datetime) -> KeyState:
         """Revocation wins over expiry: a revoked key stays revoked after it would have expired."""
@@ -103,14 +160,42 @@ class KeyPage:
     next_page_token: str
 
 
+@dataclass(frozen=True, slots=True)
+class LimitStatus:
+    """The limit that decided a verification (the one closest to exhaustion), for headers.
+
+    ``remaining`` is an upper bound for a rate limit (other processes may hold units) and exact
+    for credits; ``reset`` is how many seconds until units are next available.
+    """
+
+    name: str
+    limit: int
+    remaining: int
+    reset: float
+    window_ms: int = 0
+    owner: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """Units handed to a caching client, to spend within ``valid_for`` seconds of its request."""
+
+    units: int
+    valid_for: float
+
+
 class Verification(NamedTuple):
     """The answer to VerifyKey: a result, and the key for every result but MALFORMED and NOT_FOUND.
 
     ``reused`` marks a memoized verdict: while it holds, the service answers the same cached key
     snapshot, scopes and resource with this very object, so a transport may memoize by identity
     what it derives from it (a serialized response). Other verdicts are built per call.
+    ``limit`` describes the deciding limit of a key with limits or credits; ``lease`` the units
+    granted to a caching client.
     """
 
     result: VerifyResult
     key: KeyRecord | None = None
     reused: bool = False
+    limit: LimitStatus | None = None
+    lease: Lease | None = None

@@ -36,6 +36,7 @@ from .settings import Settings
 from .store import KeyStore, migrate
 from .store.connections import describe_database_error
 from .store.key_events import KeyEventListener
+from .store.usage_store import UsageStore
 from .usage import UsageRecorder
 from .watch import KeyEventHub
 
@@ -81,6 +82,7 @@ async def build_service(
         cache=cache if cache is not None else build_cache(store, settings, metrics),
         events=events if events is not None else KeyEventHub(),
         metrics=metrics,
+        usage_store=UsageStore(store.guard, on_query=store.count_query),
         verify_auth=settings.verify_auth,
         static_admin_key=static_admin_key,
         max_staleness=timedelta(seconds=settings.max_staleness),
@@ -284,6 +286,7 @@ class KeystileServer:
         if self._filter is not None:  # before the cache: a created key must never be filtered out
             self._filter.add(secret_hash)
         self._cache.invalidate(secret_hash)
+        self._key_service().allowances.drop(secret_hash)
         self._events.publish(secret_hash)
         self.metrics.key_events.inc()
         self.metrics.key_event_lag.observe(lag)
@@ -293,6 +296,7 @@ class KeystileServer:
         if self._filter is not None:
             self._filter.start()
         self._cache.arm()
+        self._key_service().allowances.clear()
         self._events.open()
 
     def _events_lost(self) -> None:
@@ -300,6 +304,7 @@ class KeystileServer:
         if self._filter is not None:
             self._filter.stop()
         self._events.close_all("listener disconnected")
+        self._key_service().allowances.clear()
         if self.settings.on_database_outage == "serve-cached":
             self._cache.hold()
             _log.warning(
@@ -309,6 +314,11 @@ class KeystileServer:
         else:
             self._cache.disarm()
             _log.warning("key events lost: cache bypassed and watch streams closed until reconnected")
+
+    def _key_service(self) -> KeyService:
+        service = self._handlers.service
+        assert service is not None  # the listener starts after the service is attached
+        return service
 
     async def _set_serving(self, serving: bool) -> None:
         for name in ("", KEY_SERVICE_NAME):

@@ -30,10 +30,15 @@ from .auth import (
 )
 from .cache import VerificationCache
 from .errors import AdminKeyExists, KeyNotFound, Unauthenticated
+from .limits.allowances import Allowances
+from .limits.credits import CreditBalances
+from .limits.policies import OwnerPolicies
+from .limits.rules import LimitSpec, check_credits, check_limits
 from .metrics import ServerMetrics
-from .model import KeyPage, KeyRecord, NewKey, PageCursor, Verification, VerifyResult
+from .model import CreditTerms, KeyPage, KeyRecord, NewKey, PageCursor, Verification, VerifyResult
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
+from .store.usage_store import UsageStore
 from .usage import MIN_WRITE_INTERVAL, UsageRecorder
 from .validation import (
     Violations,
@@ -54,6 +59,7 @@ from .verdicts import (
     Memo,
     holds_until,
     judge,
+    validated_cost,
     validated_requirements,
 )
 from .watch import KeyEventHub, Subscription
@@ -88,6 +94,8 @@ class KeySpec:
     expire_time: datetime | None = None
     rate_limit_per_minute: int = 0
     metadata: dict[str, Any] = field(default_factory=dict)
+    limits: Sequence[LimitSpec] = ()
+    credits: CreditTerms | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +123,7 @@ class KeyService:
         cache: VerificationCache,
         events: KeyEventHub,
         metrics: ServerMetrics,
+        usage_store: UsageStore,
         verify_auth: str = "open",
         static_admin_key: str | None = None,
         max_staleness: timedelta = timedelta(seconds=30),
@@ -126,6 +135,10 @@ class KeyService:
         self._default_prefix = default_prefix
         self._page_tokens = page_tokens
         self._usage = usage
+        self.allowances = self._allowances = Allowances(usage_store, metrics=metrics)
+        """The units this process leased for keys with limits; key events drop a key's."""
+        self.policies = OwnerPolicies(usage_store, self.authenticate)
+        self.credits = CreditBalances(usage_store, self.authenticate, self._key_exists)
         self.verify_auth_required = verify_auth == "required"
         self.max_staleness = max_staleness
         # Kept only as a digest: compared in constant time, and never printable from this object.
@@ -146,7 +159,16 @@ class KeyService:
         if verdict.result is VerifyResult.VALID:
             assert verdict.key is not None
             key = verdict.key
-            return Caller(key.id, key.owner_id, key.scopes, key.resources, key.expire_time, key.secret_hash)
+            return Caller(
+                key.id,
+                key.owner_id,
+                key.scopes,
+                key.resources,
+                key.expire_time,
+                key.secret_hash,
+                key.limits,
+                key.credits,
+            )
         raise Unauthenticated(_AUTH_FAILURES.get(verdict.result, "CREDENTIALS_UNKNOWN"))
 
     async def create_key(self, spec: KeySpec, *, authorization: str) -> CreatedKey:
@@ -170,6 +192,8 @@ class KeyService:
         resources = check_resources(spec.resources, errors)
         prefix = check_prefix(spec.prefix, self._default_prefix, errors)
         metadata = check_metadata(spec.metadata, errors)
+        limits = check_limits(spec.limits, errors, per_minute=spec.rate_limit_per_minute)
+        credits = check_credits(spec.credits, errors)
         expire_time = spec.expire_time
         if spec.ttl is not None:
             if spec.ttl <= timedelta(0):
@@ -190,6 +214,8 @@ class KeyService:
                 resources=resources,
                 expire_time=expire_time,
                 expiry_field="ttl" if spec.ttl is not None else "expire_time",
+                limits=limits,
+                credits=credits,
             )
         created_by = caller.key_id if caller is not None else "bootstrap"
 
@@ -210,7 +236,11 @@ class KeyService:
                 rate_limit_per_minute=spec.rate_limit_per_minute,
                 expire_time=expire_time,
                 created_by=created_by,
-            )
+                limits=limits,
+                credits=credits,
+            ),
+            now=now,
+            expiry_field="ttl" if spec.ttl is not None else "expire_time",
         )
         _log.info("key created id=%s owner=%s hint=%s by=%s", record.id, owner_id, parsed.hint, created_by)
         return CreatedKey(key=record, secret=secret)
@@ -230,6 +260,9 @@ class KeyService:
             raise KeyNotFound()
         _log.debug("key read id=%s by=%s", record.id, caller.key_id)
         return record
+
+    async def _key_exists(self, key_id: str, owner_id: str | None) -> bool:
+        return await self._store.get_key(key_id, owner_id=owner_id) is not None
 
     async def list_keys(
         self, owner_id: str, *, page_size: int, page_token: str, include_inactive: bool, authorization: str
@@ -287,20 +320,38 @@ class KeyService:
         return record
 
     async def verify_key(
-        self, secret: str, required_scopes: Sequence[str], resource: str, *, authorization: str = ""
+        self,
+        secret: str,
+        required_scopes: Sequence[str],
+        resource: str,
+        *,
+        cost: int = 1,
+        lease_units: int = 0,
+        authorization: str = "",
     ) -> Verification:
-        """Judge a presented secret: format, existence, revoked, expired, scopes, resource.
+        """Judge a presented secret: format, existence, revoked, expired, scopes, resource, limits.
 
         With ``--verify-auth open`` the presented key is its own credential; with ``required``
         the caller must also hold ``keys:verify``, and once it does, a cached key is answered as
-        ``verify_cached`` answers it. A malformed secret costs no query.
+        ``verify_cached`` answers it. A malformed secret costs no query. A VALID key with limits
+        or credits spends ``cost`` units (``limits.allowances``), and ``lease_units`` asks for
+        more to hand to a caching client.
         """
+        cost = validated_cost(cost, lease_units)
         if self.verify_auth_required:
             require_scope(await self.authenticate(authorization), KEYS_VERIFY)
-            cached = self.verify_cached(secret.encode(), required_scopes, resource, caller_authorized=True)
-            if cached is not None:
-                return cached
+            if not lease_units:
+                cached = self.verify_cached(
+                    secret.encode(), required_scopes, resource, cost, caller_authorized=True
+                )
+                if cached is not None:
+                    return cached
         verdict = await self._lookup(secret, required_scopes, resource)
+        record = verdict.key
+        if verdict.result is VerifyResult.VALID and record is not None and record.limited:
+            if lease_units:
+                return await self._allowances.lease_for_client(record, cost, lease_units)
+            return await self._allowances.admit(record, cost)
         self._verdicts[verdict.result].inc()
         return verdict
 
@@ -332,6 +383,7 @@ class KeyService:
         secret: bytes,
         required_scopes: Sequence[str] = (),
         resource: str = "",
+        cost: int = 1,
         *,
         caller_authorized: bool = False,
     ) -> Verification | None:
@@ -370,11 +422,15 @@ class KeyService:
             if now >= memo.next_use:  # a use is worth noting at most once a minute (usage.py)
                 memo.next_use = now + MIN_WRITE_INTERVAL
                 self._usage.record(record.id, now)
+            if memo.limited:  # None: no units in memory, lease on the full path
+                return self._allowances.spend(record, validated_cost(cost), time.monotonic())
             memo.counter.inc()
             return memo.verdict
         # Validated here, before anything is stored: a memo hit then needs no validation.
         required = validated_requirements(required_scopes, resource)
         verdict = self._verdict_for(record, required, resource, now, entry.verdicts, memo_key)
+        if verdict.result is VerifyResult.VALID and record.limited:
+            return self._allowances.spend(record, validated_cost(cost), time.monotonic())
         self._verdicts[verdict.result].inc()
         return verdict
 
@@ -441,6 +497,7 @@ class KeyService:
                 holds_until(record, result),
                 self._verdicts[result],
                 now + MIN_WRITE_INTERVAL if valid else math.inf,
+                valid and record.limited,
             )
         return verdict
 

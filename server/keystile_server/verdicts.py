@@ -23,14 +23,16 @@ from .validation import Violations, check_resource, check_scopes, scope_covers
 class Memo:
     """A verdict judged for one cached snapshot (with scopes and resource), as verify_cached reuses it.
 
-    Beside the verdict: until when it holds, its result's counter, and when a use of the key is
-    next worth noting (usage writes a key at most once a minute, so the notes between are skipped).
+    Beside the verdict: until when it holds, its result's counter, when a use of the key is
+    next worth noting (usage writes a key at most once a minute, so the notes between are
+    skipped), and whether a VALID verdict must still spend units of the key's limits.
     """
 
     verdict: Verification
     until: float
     counter: HotCounter
     next_use: float
+    limited: bool = False
 
 
 def validated_requirements(required_scopes: Sequence[str], resource: str) -> Sequence[str]:
@@ -43,6 +45,25 @@ def validated_requirements(required_scopes: Sequence[str], resource: str) -> Seq
         check_resource(resource, errors, "resource")
     errors.raise_if_any()
     return required
+
+
+MAX_COST: Final = 1_000
+MAX_LEASE_UNITS: Final = 10_000
+
+
+def validated_cost(cost: int, lease_units: int = 0) -> int:
+    """The units a verification spends (0 means 1); InvalidArgument when out of range."""
+    if 0 < cost <= MAX_COST and lease_units <= MAX_LEASE_UNITS:
+        return cost
+    if cost == 0 and lease_units <= MAX_LEASE_UNITS:
+        return 1
+    errors = Violations()
+    if cost > MAX_COST:
+        errors.add("cost", f"must be at most {MAX_COST}")
+    if lease_units > MAX_LEASE_UNITS:
+        errors.add("lease_units", f"must be at most {MAX_LEASE_UNITS}")
+    errors.raise_if_any()
+    return cost
 
 
 MALFORMED: Final = Verification(VerifyResult.MALFORMED, None, True)

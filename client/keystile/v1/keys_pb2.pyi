@@ -73,7 +73,9 @@ class _VerifyResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerifyRe
     VERIFY_RESULT_FORBIDDEN_RESOURCE: _VerifyResult.ValueType  # 7
     """VERIFY_RESULT_FORBIDDEN_RESOURCE means the key is restricted to resources that exclude the requested one."""
     VERIFY_RESULT_RATE_LIMITED: _VerifyResult.ValueType  # 8
-    """VERIFY_RESULT_RATE_LIMITED means the key exceeded its rate_limit_per_minute."""
+    """VERIFY_RESULT_RATE_LIMITED means one of the key's (or its owner's) rate limits is exhausted for now."""
+    VERIFY_RESULT_USAGE_EXCEEDED: _VerifyResult.ValueType  # 9
+    """VERIFY_RESULT_USAGE_EXCEEDED means the key has no credits left for the request's cost."""
 
 class VerifyResult(_VerifyResult, metaclass=_VerifyResultEnumTypeWrapper):
     """VerifyResult is the answer to a VerifyKey call; only VERIFY_RESULT_VALID grants access."""
@@ -95,8 +97,34 @@ VERIFY_RESULT_INSUFFICIENT_SCOPE: VerifyResult.ValueType  # 6
 VERIFY_RESULT_FORBIDDEN_RESOURCE: VerifyResult.ValueType  # 7
 """VERIFY_RESULT_FORBIDDEN_RESOURCE means the key is restricted to resources that exclude the requested one."""
 VERIFY_RESULT_RATE_LIMITED: VerifyResult.ValueType  # 8
-"""VERIFY_RESULT_RATE_LIMITED means the key exceeded its rate_limit_per_minute."""
+"""VERIFY_RESULT_RATE_LIMITED means one of the key's (or its owner's) rate limits is exhausted for now."""
+VERIFY_RESULT_USAGE_EXCEEDED: VerifyResult.ValueType  # 9
+"""VERIFY_RESULT_USAGE_EXCEEDED means the key has no credits left for the request's cost."""
 Global___VerifyResult: _TypeAlias = VerifyResult  # noqa: Y015
+
+class _CreditRefill:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _CreditRefillEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CreditRefill.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CREDIT_REFILL_UNSPECIFIED: _CreditRefill.ValueType  # 0
+    """CREDIT_REFILL_UNSPECIFIED means the credits are never refilled."""
+    CREDIT_REFILL_DAILY: _CreditRefill.ValueType  # 1
+    """CREDIT_REFILL_DAILY resets the balance at every UTC midnight."""
+    CREDIT_REFILL_MONTHLY: _CreditRefill.ValueType  # 2
+    """CREDIT_REFILL_MONTHLY resets the balance at the first UTC midnight of every month."""
+
+class CreditRefill(_CreditRefill, metaclass=_CreditRefillEnumTypeWrapper):
+    """CreditRefill says how often a key's credits are reset to their refill amount."""
+
+CREDIT_REFILL_UNSPECIFIED: CreditRefill.ValueType  # 0
+"""CREDIT_REFILL_UNSPECIFIED means the credits are never refilled."""
+CREDIT_REFILL_DAILY: CreditRefill.ValueType  # 1
+"""CREDIT_REFILL_DAILY resets the balance at every UTC midnight."""
+CREDIT_REFILL_MONTHLY: CreditRefill.ValueType  # 2
+"""CREDIT_REFILL_MONTHLY resets the balance at the first UTC midnight of every month."""
+Global___CreditRefill: _TypeAlias = CreditRefill  # noqa: Y015
 
 class _KeyEventType:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -127,6 +155,220 @@ KEY_EVENT_TYPE_HEARTBEAT: KeyEventType.ValueType  # 3
 Global___KeyEventType: _TypeAlias = KeyEventType  # noqa: Y015
 
 @_typing.final
+class RateLimit(_message.Message):
+    """RateLimit is one named limit: any interval of one window admits at most limit plus burst units."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    BURST_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name tells the limit apart from the others on the same key or owner: 1-32 characters of a-z 0-9 _ -."""
+    limit: _builtins.int
+    """limit is how many units any interval of one window admits; at least 1."""
+    burst: _builtins.int
+    """burst is how many units beyond limit an interval of one window may admit; 0 for none."""
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """window is the interval the limit counts over: whole milliseconds, 1 second to 1 day."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        window: _duration_pb2.Duration | None = ...,
+        burst: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["burst", b"burst", "limit", b"limit", "name", b"name", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RateLimit: _TypeAlias = RateLimit  # noqa: Y015
+
+@_typing.final
+class Credits(_message.Message):
+    """Credits are a number of uses a key may spend; each VALID verification spends its cost."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REMAINING_FIELD_NUMBER: _builtins.int
+    REFILL_AMOUNT_FIELD_NUMBER: _builtins.int
+    REFILL_FIELD_NUMBER: _builtins.int
+    remaining: _builtins.int
+    """remaining is the balance: at creation the starting balance, when read the balance not yet spent or leased."""
+    refill_amount: _builtins.int
+    """refill_amount is what the balance is reset to every refill period; 0 with CREDIT_REFILL_UNSPECIFIED."""
+    refill: Global___CreditRefill.ValueType
+    """refill is how often the balance is reset to refill_amount."""
+    def __init__(
+        self,
+        *,
+        remaining: _builtins.int = ...,
+        refill_amount: _builtins.int = ...,
+        refill: Global___CreditRefill.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["refill", b"refill", "refill_amount", b"refill_amount", "remaining", b"remaining"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Credits: _TypeAlias = Credits  # noqa: Y015
+
+@_typing.final
+class LimitStatus(_message.Message):
+    """LimitStatus describes the limit that decides a verification: the one closest to exhaustion."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    RESET_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """name is the limit's name; "credits" for a key's credits."""
+    limit: _builtins.int
+    """limit is the limit's count per window (plus burst), or the credits' refill amount (or 0 without refill)."""
+    remaining: _builtins.int
+    """remaining is about how many units are left now (exact for credits, at most this many for rate limits)."""
+    owner: _builtins.bool
+    """owner is true for a limit of the key's owner policy, shared by all of the owner's keys."""
+    @_builtins.property
+    def reset(self) -> _duration_pb2.Duration:
+        """reset is how long until units are next available again: what Retry-After should say when refused."""
+
+    @_builtins.property
+    def window(self) -> _duration_pb2.Duration:
+        """window is the rate limit's window; unset for credits."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        remaining: _builtins.int = ...,
+        reset: _duration_pb2.Duration | None = ...,
+        window: _duration_pb2.Duration | None = ...,
+        owner: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reset", b"reset", "window", b"window"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "name", b"name", "owner", b"owner", "remaining", b"remaining", "reset", b"reset", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LimitStatus: _TypeAlias = LimitStatus  # noqa: Y015
+
+@_typing.final
+class UsageLease(_message.Message):
+    """UsageLease hands a caching client units to spend from memory; see docs/LIMITS.md."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UNITS_FIELD_NUMBER: _builtins.int
+    VALID_FOR_FIELD_NUMBER: _builtins.int
+    TOKEN_FIELD_NUMBER: _builtins.int
+    units: _builtins.int
+    """units is how many units the client may admit without asking again."""
+    token: _builtins.bytes
+    """token identifies the lease when its unspent units are given back; opaque and signed."""
+    @_builtins.property
+    def valid_for(self) -> _duration_pb2.Duration:
+        """valid_for is how long, counted from when the client sent its request, the units may be spent."""
+
+    def __init__(
+        self,
+        *,
+        units: _builtins.int = ...,
+        valid_for: _duration_pb2.Duration | None = ...,
+        token: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["valid_for", b"valid_for"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "units", b"units", "valid_for", b"valid_for"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageLease: _TypeAlias = UsageLease  # noqa: Y015
+
+@_typing.final
+class UsageReturn(_message.Message):
+    """UsageReturn gives back the unspent units of a lease, so that other callers may admit them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    UNUSED_FIELD_NUMBER: _builtins.int
+    token: _builtins.bytes
+    """token is the lease's token."""
+    unused: _builtins.int
+    """unused is how many of the lease's units were not spent; they are never spent afterwards."""
+    def __init__(
+        self,
+        *,
+        token: _builtins.bytes = ...,
+        unused: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "unused", b"unused"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UsageReturn: _TypeAlias = UsageReturn  # noqa: Y015
+
+@_typing.final
+class OwnerPolicy(_message.Message):
+    """OwnerPolicy holds every key of one owner to shared rules."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    MAX_ACTIVE_KEYS_FIELD_NUMBER: _builtins.int
+    MAX_KEY_LIFETIME_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    owner_id: _builtins.str
+    """owner_id is the owner the policy applies to."""
+    max_active_keys: _builtins.int
+    """max_active_keys is the most keys the owner may hold that are neither revoked nor expired; 0 means no limit."""
+    @_builtins.property
+    def max_key_lifetime(self) -> _duration_pb2.Duration:
+        """max_key_lifetime, when set, is the longest lifetime a new key may have; keys without an expiry are refused."""
+
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """limits are rate limits shared by all of the owner's keys, checked as strictly as a key's own."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """update_time is when the policy was last set."""
+
+    def __init__(
+        self,
+        *,
+        owner_id: _builtins.str = ...,
+        max_active_keys: _builtins.int = ...,
+        max_key_lifetime: _duration_pb2.Duration | None = ...,
+        limits: _abc.Iterable[Global___RateLimit] | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["max_key_lifetime", b"max_key_lifetime", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "max_active_keys", b"max_active_keys", "max_key_lifetime", b"max_key_lifetime", "owner_id", b"owner_id", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OwnerPolicy: _TypeAlias = OwnerPolicy  # noqa: Y015
+
+@_typing.final
 class Key(_message.Message):
     """Key is an API key as stored: everything except its secret, which only CreateKey returns."""
 
@@ -148,6 +390,8 @@ class Key(_message.Message):
     REVOKE_REASON_FIELD_NUMBER: _builtins.int
     LAST_USED_TIME_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the key's opaque, stable, non-secret identifier."""
     owner_id: _builtins.str
@@ -194,6 +438,14 @@ class Key(_message.Message):
     def last_used_time(self) -> _timestamp_pb2.Timestamp:
         """last_used_time is when the key last verified as valid, recorded at most once a minute."""
 
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """limits are the key's rate limits (besides rate_limit_per_minute, which acts as one named "per_minute")."""
+
+    @_builtins.property
+    def credits(self) -> Global___Credits:
+        """credits, when set, are the uses the key may spend; the balance is read with GetCredits."""
+
     def __init__(
         self,
         *,
@@ -213,10 +465,12 @@ class Key(_message.Message):
         revoke_reason: _builtins.str = ...,
         last_used_time: _timestamp_pb2.Timestamp | None = ...,
         created_by: _builtins.str = ...,
+        limits: _abc.Iterable[Global___RateLimit] | None = ...,
+        credits: Global___Credits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "metadata", b"metadata", "revoke_time", b"revoke_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "credits", b"credits", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "metadata", b"metadata", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "scopes", b"scopes", "secret_hint", b"secret_hint", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "credits", b"credits", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "limits", b"limits", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "scopes", b"scopes", "secret_hint", b"secret_hint", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -237,6 +491,8 @@ class CreateKeyRequest(_message.Message):
     EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     RATE_LIMIT_PER_MINUTE_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    CREDITS_FIELD_NUMBER: _builtins.int
     owner_id: _builtins.str
     """owner_id is required: 1-128 characters of A-Z a-z 0-9 . _ : @ -."""
     name: _builtins.str
@@ -265,6 +521,14 @@ class CreateKeyRequest(_message.Message):
     def metadata(self) -> _struct_pb2.Struct:
         """metadata is free-form JSON data, at most 8 KiB serialized."""
 
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """limits are the key's rate limits: at most 8, names unique; a non-admin's must be as strict as its own."""
+
+    @_builtins.property
+    def credits(self) -> Global___Credits:
+        """credits, when set, limit the key to this many uses (remaining is the starting balance)."""
+
     def __init__(
         self,
         *,
@@ -277,10 +541,12 @@ class CreateKeyRequest(_message.Message):
         expire_time: _timestamp_pb2.Timestamp | None = ...,
         rate_limit_per_minute: _builtins.int = ...,
         metadata: _struct_pb2.Struct | None = ...,
+        limits: _abc.Iterable[Global___RateLimit] | None = ...,
+        credits: Global___Credits | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "ttl", b"ttl"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "scopes", b"scopes", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "expiration", b"expiration", "expire_time", b"expire_time", "limits", b"limits", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "scopes", b"scopes", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_expiration: _TypeAlias = _typing.Literal["ttl", "expire_time"]  # noqa: Y015
     _WhichOneofArgType_expiration: _TypeAlias = _typing.Literal["expiration", b"expiration"]  # noqa: Y015
@@ -483,13 +749,24 @@ class VerifyKeyRequest(_message.Message):
     KEY_FIELD_NUMBER: _builtins.int
     REQUIRED_SCOPES_FIELD_NUMBER: _builtins.int
     RESOURCE_FIELD_NUMBER: _builtins.int
+    COST_FIELD_NUMBER: _builtins.int
+    LEASE_UNITS_FIELD_NUMBER: _builtins.int
+    RETURNED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """key is the secret exactly as presented by the client."""
     resource: _builtins.str
     """resource, when set, must be among the key's resources (or the key must be unrestricted)."""
+    cost: _builtins.int
+    """cost is how many units of each limit and credit a VALID answer spends: 0 means 1; at most 1000."""
+    lease_units: _builtins.int
+    """lease_units asks for that many further units to spend from memory (caching clients); at most 10000."""
     @_builtins.property
     def required_scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """required_scopes must all be granted by the key."""
+
+    @_builtins.property
+    def returned(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageReturn]:
+        """returned gives back the unspent units of earlier leases; at most 16."""
 
     def __init__(
         self,
@@ -497,10 +774,13 @@ class VerifyKeyRequest(_message.Message):
         key: _builtins.str = ...,
         required_scopes: _abc.Iterable[_builtins.str] | None = ...,
         resource: _builtins.str = ...,
+        cost: _builtins.int = ...,
+        lease_units: _builtins.int = ...,
+        returned: _abc.Iterable[Global___UsageReturn] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "required_scopes", b"required_scopes", "resource", b"resource"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "key", b"key", "lease_units", b"lease_units", "required_scopes", b"required_scopes", "resource", b"resource", "returned", b"returned"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,21 +794,33 @@ class VerifyKeyResponse(_message.Message):
 
     RESULT_FIELD_NUMBER: _builtins.int
     KEY_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    LEASE_FIELD_NUMBER: _builtins.int
     result: Global___VerifyResult.ValueType
     """result is the verdict; only VERIFY_RESULT_VALID grants access."""
     @_builtins.property
     def key(self) -> Global___Key:
         """key describes the presented key for every result except MALFORMED and NOT_FOUND."""
 
+    @_builtins.property
+    def limit(self) -> Global___LimitStatus:
+        """limit describes the limit closest to exhaustion, for keys with limits or credits (VALID, RATE_LIMITED, USAGE_EXCEEDED)."""
+
+    @_builtins.property
+    def lease(self) -> Global___UsageLease:
+        """lease is the units granted for lease_units, when the answer is VALID and units were available."""
+
     def __init__(
         self,
         *,
         result: Global___VerifyResult.ValueType = ...,
         key: Global___Key | None = ...,
+        limit: Global___LimitStatus | None = ...,
+        lease: Global___UsageLease | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "lease", b"lease", "limit", b"limit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "lease", b"lease", "limit", b"limit", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -597,3 +889,238 @@ class WatchKeyEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___WatchKeyEventsResponse: _TypeAlias = WatchKeyEventsResponse  # noqa: Y015
+
+@_typing.final
+class SetOwnerPolicyRequest(_message.Message):
+    """SetOwnerPolicyRequest sets one owner's policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___OwnerPolicy:
+        """policy replaces the owner's policy (update_time is ignored)."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___OwnerPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOwnerPolicyRequest: _TypeAlias = SetOwnerPolicyRequest  # noqa: Y015
+
+@_typing.final
+class SetOwnerPolicyResponse(_message.Message):
+    """SetOwnerPolicyResponse carries the policy as stored."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___OwnerPolicy:
+        """policy is the stored policy."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___OwnerPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetOwnerPolicyResponse: _TypeAlias = SetOwnerPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetOwnerPolicyRequest(_message.Message):
+    """GetOwnerPolicyRequest names an owner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    owner_id: _builtins.str
+    """owner_id is the owner whose policy to read."""
+    def __init__(
+        self,
+        *,
+        owner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner_id", b"owner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOwnerPolicyRequest: _TypeAlias = GetOwnerPolicyRequest  # noqa: Y015
+
+@_typing.final
+class GetOwnerPolicyResponse(_message.Message):
+    """GetOwnerPolicyResponse carries the policy."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    POLICY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def policy(self) -> Global___OwnerPolicy:
+        """policy is the owner's policy; NOT_FOUND when the owner has none."""
+
+    def __init__(
+        self,
+        *,
+        policy: Global___OwnerPolicy | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["policy", b"policy"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetOwnerPolicyResponse: _TypeAlias = GetOwnerPolicyResponse  # noqa: Y015
+
+@_typing.final
+class DeleteOwnerPolicyRequest(_message.Message):
+    """DeleteOwnerPolicyRequest names an owner."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    owner_id: _builtins.str
+    """owner_id is the owner whose policy to remove."""
+    def __init__(
+        self,
+        *,
+        owner_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["owner_id", b"owner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteOwnerPolicyRequest: _TypeAlias = DeleteOwnerPolicyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteOwnerPolicyResponse(_message.Message):
+    """DeleteOwnerPolicyResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteOwnerPolicyResponse: _TypeAlias = DeleteOwnerPolicyResponse  # noqa: Y015
+
+@_typing.final
+class GetCreditsRequest(_message.Message):
+    """GetCreditsRequest names a key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """id is the key's id."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCreditsRequest: _TypeAlias = GetCreditsRequest  # noqa: Y015
+
+@_typing.final
+class GetCreditsResponse(_message.Message):
+    """GetCreditsResponse carries the key's credits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credits(self) -> Global___Credits:
+        """credits are the key's credits, remaining being the balance not yet spent or leased."""
+
+    def __init__(
+        self,
+        *,
+        credits: Global___Credits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCreditsResponse: _TypeAlias = GetCreditsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateCreditsRequest(_message.Message):
+    """UpdateCreditsRequest changes a key's credit balance."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    SET_FIELD_NUMBER: _builtins.int
+    ADD_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """id is the key's id; the key must carry credits."""
+    set: _builtins.int
+    """set replaces the balance."""
+    add: _builtins.int
+    """add adds to the balance."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        set: _builtins.int = ...,
+        add: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["add", b"add", "change", b"change", "set", b"set"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["add", b"add", "change", b"change", "id", b"id", "set", b"set"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_change: _TypeAlias = _typing.Literal["set", "add"]  # noqa: Y015
+    _WhichOneofArgType_change: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_change) -> _WhichOneofReturnType_change | None: ...
+
+Global___UpdateCreditsRequest: _TypeAlias = UpdateCreditsRequest  # noqa: Y015
+
+@_typing.final
+class UpdateCreditsResponse(_message.Message):
+    """UpdateCreditsResponse carries the key's credits after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDITS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def credits(self) -> Global___Credits:
+        """credits are the key's credits after the change."""
+
+    def __init__(
+        self,
+        *,
+        credits: Global___Credits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateCreditsResponse: _TypeAlias = UpdateCreditsResponse  # noqa: Y015

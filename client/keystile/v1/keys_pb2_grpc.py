@@ -65,6 +65,31 @@ class KeyServiceStub:
                 request_serializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.SerializeToString,
                 response_deserializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.FromString,
                 _registered_method=True)
+        self.SetOwnerPolicy = channel.unary_unary(
+                '/keystile.v1.KeyService/SetOwnerPolicy',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.SetOwnerPolicyRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.SetOwnerPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetOwnerPolicy = channel.unary_unary(
+                '/keystile.v1.KeyService/GetOwnerPolicy',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.GetOwnerPolicyRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.GetOwnerPolicyResponse.FromString,
+                _registered_method=True)
+        self.DeleteOwnerPolicy = channel.unary_unary(
+                '/keystile.v1.KeyService/DeleteOwnerPolicy',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.DeleteOwnerPolicyRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.DeleteOwnerPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetCredits = channel.unary_unary(
+                '/keystile.v1.KeyService/GetCredits',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.GetCreditsRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.GetCreditsResponse.FromString,
+                _registered_method=True)
+        self.UpdateCredits = channel.unary_unary(
+                '/keystile.v1.KeyService/UpdateCredits',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -113,6 +138,41 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetOwnerPolicy(self, request, context):
+        """SetOwnerPolicy sets (replaces) the policy every key of one owner is held to; admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetOwnerPolicy(self, request, context):
+        """GetOwnerPolicy returns one owner's policy; admins, or keys:read callers for their own owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteOwnerPolicy(self, request, context):
+        """DeleteOwnerPolicy removes an owner's policy, lifting its limits; admin only; idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCredits(self, request, context):
+        """GetCredits reads a key's credit balance; admins, or keys:read callers for their own owner's keys.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateCredits(self, request, context):
+        """UpdateCredits sets or adds to a key's credit balance; admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -145,6 +205,31 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.WatchKeyEvents,
                     request_deserializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.FromString,
                     response_serializer=keystile_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.SerializeToString,
+            ),
+            'SetOwnerPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetOwnerPolicy,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.SetOwnerPolicyRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.SetOwnerPolicyResponse.SerializeToString,
+            ),
+            'GetOwnerPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetOwnerPolicy,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.GetOwnerPolicyRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.GetOwnerPolicyResponse.SerializeToString,
+            ),
+            'DeleteOwnerPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteOwnerPolicy,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.DeleteOwnerPolicyRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.DeleteOwnerPolicyResponse.SerializeToString,
+            ),
+            'GetCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCredits,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.GetCreditsRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.GetCreditsResponse.SerializeToString,
+            ),
+            'UpdateCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateCredits,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -310,6 +395,141 @@ class KeyService:
             '/keystile.v1.KeyService/WatchKeyEvents',
             keystile_dot_v1_dot_keys__pb2.WatchKeyEventsRequest.SerializeToString,
             keystile_dot_v1_dot_keys__pb2.WatchKeyEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetOwnerPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/SetOwnerPolicy',
+            keystile_dot_v1_dot_keys__pb2.SetOwnerPolicyRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.SetOwnerPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetOwnerPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/GetOwnerPolicy',
+            keystile_dot_v1_dot_keys__pb2.GetOwnerPolicyRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.GetOwnerPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteOwnerPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/DeleteOwnerPolicy',
+            keystile_dot_v1_dot_keys__pb2.DeleteOwnerPolicyRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.DeleteOwnerPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/GetCredits',
+            keystile_dot_v1_dot_keys__pb2.GetCreditsRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.GetCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/UpdateCredits',
+            keystile_dot_v1_dot_keys__pb2.UpdateCreditsRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.UpdateCreditsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,16 @@ class KeyServiceStub:
     """VerifyKey answers whether a presented secret is valid and grants the required scopes and resource."""
     WatchKeyEvents: _grpc.UnaryStreamMultiCallable[_keys_pb2.WatchKeyEventsRequest, _keys_pb2.WatchKeyEventsResponse]
     """WatchKeyEvents streams key changes so that clients may cache verdicts and drop them the moment a key changes."""
+    SetOwnerPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.SetOwnerPolicyRequest, _keys_pb2.SetOwnerPolicyResponse]
+    """SetOwnerPolicy sets (replaces) the policy every key of one owner is held to; admin only."""
+    GetOwnerPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetOwnerPolicyRequest, _keys_pb2.GetOwnerPolicyResponse]
+    """GetOwnerPolicy returns one owner's policy; admins, or keys:read callers for their own owner."""
+    DeleteOwnerPolicy: _grpc.UnaryUnaryMultiCallable[_keys_pb2.DeleteOwnerPolicyRequest, _keys_pb2.DeleteOwnerPolicyResponse]
+    """DeleteOwnerPolicy removes an owner's policy, lifting its limits; admin only; idempotent."""
+    GetCredits: _grpc.UnaryUnaryMultiCallable[_keys_pb2.GetCreditsRequest, _keys_pb2.GetCreditsResponse]
+    """GetCredits reads a key's credit balance; admins, or keys:read callers for their own owner's keys."""
+    UpdateCredits: _grpc.UnaryUnaryMultiCallable[_keys_pb2.UpdateCreditsRequest, _keys_pb2.UpdateCreditsResponse]
+    """UpdateCredits sets or adds to a key's credit balance; admin only."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -63,6 +73,16 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """VerifyKey answers whether a presented secret is valid and grants the required scopes and resource."""
     WatchKeyEvents: _aio.UnaryStreamMultiCallable[_keys_pb2.WatchKeyEventsRequest, _keys_pb2.WatchKeyEventsResponse]  # type: ignore[assignment]
     """WatchKeyEvents streams key changes so that clients may cache verdicts and drop them the moment a key changes."""
+    SetOwnerPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.SetOwnerPolicyRequest, _keys_pb2.SetOwnerPolicyResponse]  # type: ignore[assignment]
+    """SetOwnerPolicy sets (replaces) the policy every key of one owner is held to; admin only."""
+    GetOwnerPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetOwnerPolicyRequest, _keys_pb2.GetOwnerPolicyResponse]  # type: ignore[assignment]
+    """GetOwnerPolicy returns one owner's policy; admins, or keys:read callers for their own owner."""
+    DeleteOwnerPolicy: _aio.UnaryUnaryMultiCallable[_keys_pb2.DeleteOwnerPolicyRequest, _keys_pb2.DeleteOwnerPolicyResponse]  # type: ignore[assignment]
+    """DeleteOwnerPolicy removes an owner's policy, lifting its limits; admin only; idempotent."""
+    GetCredits: _aio.UnaryUnaryMultiCallable[_keys_pb2.GetCreditsRequest, _keys_pb2.GetCreditsResponse]  # type: ignore[assignment]
+    """GetCredits reads a key's credit balance; admins, or keys:read callers for their own owner's keys."""
+    UpdateCredits: _aio.UnaryUnaryMultiCallable[_keys_pb2.UpdateCreditsRequest, _keys_pb2.UpdateCreditsResponse]  # type: ignore[assignment]
+    """UpdateCredits sets or adds to a key's credit balance; admin only."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService creates, lists and revokes API keys, and answers whether a presented key may act."""
@@ -114,5 +134,45 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_keys_pb2.WatchKeyEventsResponse], _abc.AsyncIterator[_keys_pb2.WatchKeyEventsResponse]]:
         """WatchKeyEvents streams key changes so that clients may cache verdicts and drop them the moment a key changes."""
+
+    @_abc_1.abstractmethod
+    def SetOwnerPolicy(
+        self,
+        request: _keys_pb2.SetOwnerPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.SetOwnerPolicyResponse, _abc.Awaitable[_keys_pb2.SetOwnerPolicyResponse]]:
+        """SetOwnerPolicy sets (replaces) the policy every key of one owner is held to; admin only."""
+
+    @_abc_1.abstractmethod
+    def GetOwnerPolicy(
+        self,
+        request: _keys_pb2.GetOwnerPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.GetOwnerPolicyResponse, _abc.Awaitable[_keys_pb2.GetOwnerPolicyResponse]]:
+        """GetOwnerPolicy returns one owner's policy; admins, or keys:read callers for their own owner."""
+
+    @_abc_1.abstractmethod
+    def DeleteOwnerPolicy(
+        self,
+        request: _keys_pb2.DeleteOwnerPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.DeleteOwnerPolicyResponse, _abc.Awaitable[_keys_pb2.DeleteOwnerPolicyResponse]]:
+        """DeleteOwnerPolicy removes an owner's policy, lifting its limits; admin only; idempotent."""
+
+    @_abc_1.abstractmethod
+    def GetCredits(
+        self,
+        request: _keys_pb2.GetCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.GetCreditsResponse, _abc.Awaitable[_keys_pb2.GetCreditsResponse]]:
+        """GetCredits reads a key's credit balance; admins, or keys:read callers for their own owner's keys."""
+
+    @_abc_1.abstractmethod
+    def UpdateCredits(
+        self,
+        request: _keys_pb2.UpdateCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.UpdateCreditsResponse, _abc.Awaitable[_keys_pb2.UpdateCreditsResponse]]:
+        """UpdateCredits sets or adds to a key's credit balance; admin only."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

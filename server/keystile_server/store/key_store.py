@@ -12,21 +12,32 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from ..errors import violation_error
 from ..model import KeyRecord, NewKey, PageCursor
 from .connections import GuardedPool, Query, bounded_conninfo
+from .usage_store import (
+    credit_terms_from_json,
+    credit_terms_to_json,
+    enforce_policy,
+    insert_credits,
+    limits_from_json,
+    limits_to_json,
+)
 
 T = TypeVar("T")
 
 _COLUMNS: Final = (
     "id, owner_id, name, prefix, secret_hint, scopes, resources, metadata, rate_limit_per_minute, "
-    "create_time, expire_time, revoke_time, revoke_reason, last_used_time, created_by, secret_hash"
+    "create_time, expire_time, revoke_time, revoke_reason, last_used_time, created_by, secret_hash, "
+    "limits, credit_terms"
 )
 
 _INSERT: Final = f"""
     INSERT INTO keystile.keys (id, owner_id, name, prefix, secret_hash, secret_hint, scopes, resources,
-                               metadata, rate_limit_per_minute, expire_time, created_by)
+                               metadata, rate_limit_per_minute, expire_time, created_by, limits, credit_terms)
     VALUES (%(id)s, %(owner_id)s, %(name)s, %(prefix)s, %(secret_hash)s, %(secret_hint)s, %(scopes)s,
-            %(resources)s, %(metadata)s, %(rate_limit_per_minute)s, %(expire_time)s, %(created_by)s)
+            %(resources)s, %(metadata)s, %(rate_limit_per_minute)s, %(expire_time)s, %(created_by)s,
+            %(limits)s, %(credit_terms)s)
     RETURNING {_COLUMNS}
 """
 # What a tenant (a non-admin caller) can reach: its owner's keys, except keys granting admin.
@@ -35,8 +46,13 @@ _INSERT: Final = f"""
 _TENANT_REACH: Final = "owner_id = %(owner_id)s AND NOT ('admin' = ANY(scopes))"
 _BY_ID: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %(id)s"
 _BY_ID_OWNED: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %(id)s AND {_TENANT_REACH}"
-# One statement for a whole batch of cache misses: ~10x the lookups/s of one query per key.
-_BY_HASHES: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE secret_hash = ANY(%s)"
+# One statement for a whole batch of cache misses: ~10x the lookups/s of one query per key. The
+# owner's shared limits come along: a verification spends them too.
+_BY_HASHES: Final = f"""
+    SELECT {_COLUMNS}, p.shared_limits
+      FROM keystile.keys LEFT JOIN keystile.owner_policies AS p USING (owner_id)
+     WHERE secret_hash = ANY(%s)
+"""
 
 _ESTIMATED_KEYS: Final = "SELECT reltuples::bigint FROM pg_class WHERE oid = 'keystile.keys'::regclass"
 # One row per page, the hashes concatenated: a row per hash cost Python more than the filter did.
@@ -111,6 +127,9 @@ def _record(row: Sequence[Any]) -> KeyRecord:
         last_used_time=row[13],
         created_by=row[14],
         secret_hash=bytes(row[15]),
+        limits=limits_from_json(row[16]),
+        credits=credit_terms_from_json(row[17]),
+        owner_limits=limits_from_json(row[18]) if len(row) > 18 else (),
     )
 
 
@@ -133,7 +152,7 @@ class KeyStore:
             pool, timeout=timeout if timeout is not None else pool.timeout, on_outage=on_outage
         )
         # Told the name of every statement run: the server counts them for /metrics.
-        self._on_query = on_query or _ignore
+        self.count_query = self._on_query = on_query or _ignore
 
     @classmethod
     def create_pool(
@@ -172,10 +191,15 @@ class KeyStore:
         """Round-trip to the database, even during an outage (it ends one); StoreUnavailable if not."""
         await self.guard.probe(self.guard.timeout if timeout is None else timeout)
 
-    async def insert_key(self, new: NewKey) -> KeyRecord:
-        """Insert a validated key and return it as stored."""
+    async def insert_key(self, new: NewKey, *, now: datetime, expiry_field: str = "expire_time") -> KeyRecord:
+        """Insert a validated key (and its credits) and return it as stored.
+
+        One transaction holds the owner's policy row locked while it counts the owner's active
+        keys and inserts, so concurrent creates cannot together pass ``max_active_keys``.
+        """
+        key_id = uuid.UUID(new.id)
         params = {
-            "id": uuid.UUID(new.id),
+            "id": key_id,
             "owner_id": new.owner_id,
             "name": new.name,
             "prefix": new.prefix,
@@ -187,12 +211,20 @@ class KeyStore:
             "rate_limit_per_minute": new.rate_limit_per_minute,
             "expire_time": new.expire_time,
             "created_by": new.created_by,
+            "limits": limits_to_json(new.limits),
+            "credit_terms": credit_terms_to_json(new.credits),
         }
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord:
-            cur = await conn.execute(_INSERT, params)
-            row = await cur.fetchone()
-            assert row is not None
+            async with conn.transaction():
+                broken = await enforce_policy(conn, new.owner_id, new.expire_time, now)
+                if broken is not None:
+                    raise violation_error(expiry_field, broken)
+                cur = await conn.execute(_INSERT, params)
+                row = await cur.fetchone()
+                assert row is not None
+                if new.credits is not None:
+                    await insert_credits(conn, key_id, new.credits)
             return _record(row)
 
         return await self._run("insert_key", query, read=False)

@@ -1,0 +1,271 @@
+"""Allowances: a process's side of the limits, spending leased units from memory.
+
+A VALID verification of a key with limits or credits spends ``cost`` units. This process holds,
+per key, an ``Allowance``: units leased from the database by one ``lease_units`` statement
+(store/usage_store.py), good until a deadline. Spending them is a subtraction; only when none
+are left (or they expired) does a verification wait for another lease, and every verification
+waiting on the same key shares it. When the database refuses (a limit or the credits are
+exhausted) the allowance remembers until when, and answers RATE_LIMITED or USAGE_EXCEEDED from
+memory until then.
+
+Why the bound holds whatever this process does: units only exist once the database granted
+them, a lease's deadline is counted from before its statement was sent (so it ends no later
+than the database's), and units are dropped (never given back) when the key changes, when its
+snapshot is replaced, or when they expire. Losing units is always safe; docs/LIMITS.md has the
+whole argument.
+
+How many units to ask for adapts to the key's traffic: twice as many after a lease that ran out,
+half as many after one that expired unspent. The database grants at most a quarter of what is
+left, so batches shrink as a window nears its limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Final
+
+from ..metrics import ServerMetrics
+from ..model import KeyRecord, Lease, LimitStatus, Verification, VerifyResult
+from ..store.usage_store import LeaseResult, UsageStore
+from .rules import CREDITS, Counters, counters_of
+
+MAX_WANT: Final = 1_000
+"""The most units one lease asks for on this process's behalf."""
+MAX_ROUNDS: Final = 4
+"""Leases one verification waits for before it is refused as contended (RATE_LIMITED)."""
+MAX_ALLOWANCES: Final = 100_000
+"""Keys whose allowances one process keeps; the least recently used are dropped beyond."""
+
+
+class _Counter:
+    """Where one counter (a rate limit or the credits) stood after the last lease."""
+
+    __slots__ = ("limit_status", "remaining", "reset_at")
+
+    def __init__(self, limit_status: LimitStatus, remaining: int, reset_at: float) -> None:
+        self.limit_status = limit_status
+        self.remaining = remaining
+        self.reset_at = reset_at
+
+
+class Allowance:
+    """Units one process may admit for one key snapshot, and the refusal while there are none."""
+
+    __slots__ = (
+        "counters",
+        "leasing",
+        "record",
+        "refusal",
+        "refused_until",
+        "room",
+        "shown",
+        "units",
+        "until",
+        "want",
+    )
+
+    def __init__(self, record: KeyRecord) -> None:
+        self.record = record
+        self.counters: Counters = counters_of(record)
+        self.units = 0
+        self.until = -math.inf
+        self.refused_until = -math.inf
+        self.refusal = VerifyResult.RATE_LIMITED
+        self.room = 0
+        """While refused: the most units the database could still grant (a smaller cost may pass)."""
+        self.shown: _Counter | None = None
+        """The counter closest to exhaustion: what responses describe."""
+        self.want = 4
+        self.leasing: asyncio.Future[None] | None = None
+
+    def status(self, now: float) -> LimitStatus | None:
+        """The deciding limit's status now: what remains is the database's figure plus ours."""
+        shown = self.shown
+        if shown is None:
+            return None
+        base = shown.limit_status
+        reset = shown.reset_at - now
+        return LimitStatus(
+            base.name,
+            base.limit,
+            shown.remaining + self.units,
+            reset if 0.0 < reset < math.inf else 0.0,  # 0: nothing comes back by itself
+            base.window_ms,
+            base.owner,
+        )
+
+
+class Allowances:
+    """Every key's allowance in this process; the verification path's entry to the limits."""
+
+    def __init__(
+        self,
+        store: UsageStore,
+        *,
+        metrics: ServerMetrics,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = MAX_ALLOWANCES,
+    ) -> None:
+        self._store = store
+        self._clock = clock
+        self._max_keys = max_keys
+        self._by_hash: OrderedDict[bytes, Allowance] = OrderedDict()
+        self._verdicts = metrics.verifications
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def drop(self, secret_hash: bytes) -> None:
+        """Forget a key's units and refusal: it changed (limits, credits, revocation)."""
+        self._by_hash.pop(secret_hash, None)
+
+    def clear(self) -> None:
+        """Forget every allowance (events may have been missed)."""
+        self._by_hash.clear()
+
+    def _allowance(self, record: KeyRecord) -> Allowance:
+        allowance = self._by_hash.get(record.secret_hash)
+        if allowance is not None and allowance.record is not record and _same_terms(allowance.record, record):
+            allowance.record = record  # a reload of the same limits keeps its units
+        elif allowance is None or allowance.record is not record:
+            # Other limits start afresh: units leased under those must not be spent under these.
+            allowance = Allowance(record)
+            self._by_hash[record.secret_hash] = allowance
+            if len(self._by_hash) > self._max_keys:
+                self._by_hash.popitem(last=False)
+        return allowance
+
+    def spend(self, record: KeyRecord, cost: int, now: float) -> Verification | None:
+        """The verdict for a VALID key's use, from memory; None when a lease is needed first.
+
+        ``now`` is the monotonic clock. Counts the verdict's result.
+        """
+        allowance = self._by_hash.get(record.secret_hash)
+        if allowance is None or allowance.record is not record:
+            return None
+        return self._spend(allowance, cost, now)
+
+    def _spend(self, allowance: Allowance, cost: int, now: float) -> Verification | None:
+        if now < allowance.refused_until and cost > allowance.room:
+            result = allowance.refusal
+        elif allowance.units >= cost and now < allowance.until:
+            allowance.units -= cost
+            result = VerifyResult.VALID
+        else:
+            return None
+        self._verdicts[result].inc()
+        return Verification(result, allowance.record, False, allowance.status(now))
+
+    async def admit(self, record: KeyRecord, cost: int) -> Verification:
+        """The verdict for a VALID key's use, leasing units as needed (StoreUnavailable if it cannot)."""
+        allowance = self._allowance(record)
+        for _ in range(MAX_ROUNDS):
+            verdict = self._spend(allowance, cost, self._clock())
+            if verdict is not None:
+                return verdict
+            if allowance.leasing is None:
+                allowance.leasing = asyncio.ensure_future(self._refill(allowance, cost))
+            await asyncio.shield(allowance.leasing)
+        # Others took every unit leased meanwhile: refuse this one rather than queue for good.
+        self._verdicts[VerifyResult.RATE_LIMITED].inc()
+        return Verification(VerifyResult.RATE_LIMITED, record, False, allowance.status(self._clock()))
+
+    async def _refill(self, allowance: Allowance, cost: int) -> None:
+        try:
+            now = self._clock()
+            if now < allowance.until:  # ran out before the deadline: the key is busy
+                allowance.want = min(allowance.want * 2, MAX_WANT)
+            elif allowance.units > 0:  # expired unspent
+                allowance.want = max(allowance.want // 2, 1)
+            want = max(allowance.want, cost)
+            result = await self._lease(allowance.counters, allowance.record, want, cost)
+            if result.granted:
+                allowance.units, allowance.until = result.granted, now + result.valid_ms / 1000
+            else:
+                allowance.units = 0
+                allowance.refusal, allowance.refused_until = _refusal(result, cost, now)
+                allowance.room = _room(result)
+            allowance.shown = _deciding(allowance.record, allowance.counters, result, now)
+        finally:
+            allowance.leasing = None
+
+    async def lease_for_client(self, record: KeyRecord, cost: int, units: int) -> Verification:
+        """Admit one use and lease up to ``units`` more to a caching client, in one statement.
+
+        The client's units come straight from the database, never from this process's own.
+        """
+        now = self._clock()
+        counters = counters_of(record)
+        result = await self._lease(counters, record, cost + units, cost)
+        probe = Allowance(record)
+        probe.shown = _deciding(record, counters, result, now)
+        if not result.granted:
+            refusal, _ = _refusal(result, cost, now)
+            self._verdicts[refusal].inc()
+            return Verification(refusal, record, False, probe.status(now))
+        self._verdicts[VerifyResult.VALID].inc()
+        extra = result.granted - cost
+        lease = Lease(extra, result.valid_ms / 1000) if extra > 0 else None
+        return Verification(VerifyResult.VALID, record, False, probe.status(now), lease)
+
+    async def _lease(self, counters: Counters, record: KeyRecord, want: int, need: int) -> LeaseResult:
+        return await self._store.lease(
+            counters.names,
+            counters.caps,
+            counters.windows_ms,
+            credit_key=record.id if counters.credits else None,
+            want=want,
+            need=need,
+        )
+
+
+def _room(result: LeaseResult) -> int:
+    """The most units every counter could still grant."""
+    rooms = [*result.remaining, *(() if result.credits_left is None else (result.credits_left,))]
+    return min(rooms, default=0)
+
+
+def _same_terms(old: KeyRecord, new: KeyRecord) -> bool:
+    return old.limits == new.limits and old.owner_limits == new.owner_limits and old.credits == new.credits
+
+
+def _refusal(result: LeaseResult, cost: int, now: float) -> tuple[VerifyResult, float]:
+    """Why a lease granted nothing, and until when to answer so without asking again.
+
+    Credits short of the cost make USAGE_EXCEEDED until the next refill (or until an admin adds
+    some: that is a key event, which drops the allowance). Otherwise a rate limit is exhausted
+    until the latest of the exhausted counters frees units.
+    """
+    if result.credits_left is not None and result.credits_left < cost:
+        wait = result.credits_reset_ms / 1000 if result.credits_reset_ms is not None else math.inf
+        return VerifyResult.USAGE_EXCEEDED, now + wait
+    waits = [
+        reset / 1000
+        for remaining, reset in zip(result.remaining, result.reset_ms, strict=True)
+        if remaining < cost
+    ]
+    return VerifyResult.RATE_LIMITED, now + (max(waits) if waits else 0.0)
+
+
+def _deciding(record: KeyRecord, counters: Counters, result: LeaseResult, now: float) -> _Counter | None:
+    """The counter with the fewest units left (the latest reset breaking ties)."""
+    best: _Counter | None = None
+    for index, limit in enumerate(counters.limits):
+        status = LimitStatus(limit.name, limit.cap, 0, 0.0, limit.window_ms, counters.owner[index])
+        candidate = _Counter(status, result.remaining[index], now + result.reset_ms[index] / 1000)
+        best = _fewer(best, candidate)
+    if result.credits_left is not None:
+        reset = result.credits_reset_ms / 1000 if result.credits_reset_ms is not None else math.inf
+        status = LimitStatus(CREDITS, record.credits.refill_amount if record.credits else 0, 0, 0.0)
+        best = _fewer(best, _Counter(status, result.credits_left, now + reset))
+    return best
+
+
+def _fewer(best: _Counter | None, candidate: _Counter) -> _Counter:
+    if best is None or (candidate.remaining, -candidate.reset_at) < (best.remaining, -best.reset_at):
+        return candidate
+    return best

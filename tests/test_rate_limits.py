@@ -1,0 +1,138 @@
+"""Rate limits and credits on one server: VALID until a limit is spent, then a refusal with its status."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+import keystile
+from keystile.v1 import keys_pb2
+
+R = keys_pb2
+
+
+def _results(client: keystile.Client, secret: str, n: int, **kw: object) -> list[int]:
+    return [client.verify_key(secret, **kw).result for _ in range(n)]  # type: ignore[arg-type]
+
+
+def test_limit_admits_exactly_its_count_then_refuses(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", limits=[keystile.rate_limit("burst", 10, 30)])
+    results = _results(client, created.secret, 25)
+    assert results.count(R.VERIFY_RESULT_VALID) == 10
+    assert results[:10] == [R.VERIFY_RESULT_VALID] * 10
+    refused = client.verify_key(created.secret)
+    assert refused.result == R.VERIFY_RESULT_RATE_LIMITED
+    assert refused.key.id == created.key.id
+    assert refused.limit.name == "burst" and refused.limit.limit == 10 and refused.limit.remaining == 0
+    assert 0 < refused.limit.reset.ToTimedelta().total_seconds() <= 31
+    assert refused.limit.window.ToTimedelta().total_seconds() == 30
+
+
+def test_rate_limit_per_minute_is_enforced(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", rate_limit_per_minute=1)
+    assert [limit.name for limit in created.key.limits] == ["per_minute"]
+    assert _results(client, created.secret, 200).count(R.VERIFY_RESULT_VALID) == 1
+
+
+def test_valid_answers_carry_the_closest_limit(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(
+        owner,
+        "svc",
+        limits=[keystile.rate_limit("second", 100, 1), keystile.rate_limit("day", 5, 86400)],
+    )
+    first = client.verify_key(created.secret)
+    assert first.result == R.VERIFY_RESULT_VALID
+    assert first.limit.name == "day" and first.limit.limit == 5 and first.limit.remaining <= 4
+
+
+def test_cost_spends_several_units(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", limits=[keystile.rate_limit("w", 10, 60)])
+    assert client.verify_key(created.secret, cost=6).result == R.VERIFY_RESULT_VALID
+    assert client.verify_key(created.secret, cost=6).result == R.VERIFY_RESULT_RATE_LIMITED
+    assert client.verify_key(created.secret, cost=4).result == R.VERIFY_RESULT_VALID
+
+
+def test_other_checks_come_first(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", scopes=["a:read"], limits=[keystile.rate_limit("w", 1, 60)])
+    assert client.verify_key(created.secret).result == R.VERIFY_RESULT_VALID
+    assert client.verify_key(created.secret).result == R.VERIFY_RESULT_RATE_LIMITED
+    assert client.verify_key(created.secret, required_scopes=["b:write"]).result == (
+        R.VERIFY_RESULT_INSUFFICIENT_SCOPE
+    )
+    client.revoke_key(created.key.id)
+    assert client.verify_key(created.secret).result == R.VERIFY_RESULT_REVOKED
+
+
+def test_window_slides(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", limits=[keystile.rate_limit("w", 3, 1)])
+    assert _results(client, created.secret, 6).count(R.VERIFY_RESULT_VALID) == 3
+    time.sleep(1.1)
+    assert _results(client, created.secret, 6).count(R.VERIFY_RESULT_VALID) == 3
+
+
+def test_burst_adds_to_the_limit(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", limits=[keystile.rate_limit("w", 3, 60, burst=2)])
+    assert _results(client, created.secret, 10).count(R.VERIFY_RESULT_VALID) == 5
+
+
+def test_credits_run_out(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", credits=5)
+    assert created.key.credits.refill == R.CREDIT_REFILL_UNSPECIFIED
+    results = _results(client, created.secret, 8)
+    assert results.count(R.VERIFY_RESULT_VALID) == 5
+    exhausted = client.verify_key(created.secret)
+    assert exhausted.result == R.VERIFY_RESULT_USAGE_EXCEEDED
+    assert exhausted.limit.name == "credits" and exhausted.limit.remaining == 0
+    assert client.get_credits(created.key.id).remaining == 0
+
+
+def test_admin_adds_and_sets_credits(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", credits=1)
+    assert client.verify_key(created.secret).result == R.VERIFY_RESULT_VALID
+    assert client.verify_key(created.secret).result == R.VERIFY_RESULT_USAGE_EXCEEDED
+    assert client.update_credits(created.key.id, add=3).remaining == 3
+    # The change is a key event: the refusal this process remembered is dropped at once.
+    deadline = time.monotonic() + 5
+    while client.verify_key(created.secret).result != R.VERIFY_RESULT_VALID:
+        assert time.monotonic() < deadline
+    assert client.update_credits(created.key.id, set_to=0).remaining == 0
+
+
+def test_credits_with_monthly_refill(client: keystile.Client, owner: str) -> None:
+    created = client.create_key(owner, "svc", credits=keystile.credits(2, refill="monthly", refill_amount=50))
+    assert created.key.credits.refill == R.CREDIT_REFILL_MONTHLY
+    assert created.key.credits.refill_amount == 50
+    assert _results(client, created.secret, 3).count(R.VERIFY_RESULT_VALID) == 2
+    refused = client.verify_key(created.secret)
+    assert refused.result == R.VERIFY_RESULT_USAGE_EXCEEDED
+    assert 0 < refused.limit.reset.ToTimedelta().total_seconds() <= 31 * 86400
+
+
+@pytest.mark.parametrize(
+    ("limits", "field"),
+    [
+        ([keystile.rate_limit("Bad Name", 1, 1)], "limits[0].name"),
+        ([keystile.rate_limit("w", 0, 1)], "limits[0].limit"),
+        ([keystile.rate_limit("w", 1, 0.5)], "limits[0].window"),
+        ([keystile.rate_limit("w", 1, 86401)], "limits[0].window"),
+        ([keystile.rate_limit("w", 1, 1.0005)], "limits[0].window"),
+        ([keystile.rate_limit("w", 1, 1), keystile.rate_limit("w", 2, 2)], "limits[1].name"),
+        ([keystile.rate_limit("credits", 1, 1)], "limits[0].name"),
+        ([keystile.rate_limit(f"l{i}", 1, 1) for i in range(9)], "limits"),
+    ],
+)
+def test_bad_limits_are_refused(
+    client: keystile.Client, owner: str, limits: list[keys_pb2.RateLimit], field: str
+) -> None:
+    with pytest.raises(keystile.InvalidArgumentError) as err:
+        client.create_key(owner, "svc", limits=limits)
+    assert field in err.value.field_violations
+    assert not list(client.iter_keys(owner))
+
+
+def test_bad_costs_are_refused(client: keystile.Client, owner: str) -> None:
+    secret = client.create_key(owner, "svc", credits=10).secret
+    with pytest.raises(keystile.InvalidArgumentError):
+        client.verify_key(secret, cost=1001)
+    assert client.get_credits(client.verify_key(secret).key.id).remaining <= 9
