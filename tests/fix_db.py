@@ -90,15 +90,19 @@ class Db:
         return self.query(sql, params)[0][0]
 
     def snapshot(self) -> tuple[object, ...]:
-        """Every stored key, as it is (last_used_time aside: it is written in the background)."""
-        return tuple(
-            self.query(
-                """SELECT id, owner_id, name, prefix, secret_hash, secret_hint, scopes, resources,
-                          metadata::text, rate_limit_per_minute, create_time, expire_time,
-                          revoke_time, revoke_reason, created_by
-                     FROM keystile.keys ORDER BY id"""
-            )
+        """Every stored key, credit balance and owner policy, as it is.
+
+        last_used_time aside: it is written in the background.
+        """
+        keys = self.query(
+            """SELECT id, owner_id, name, prefix, secret_hash, secret_hint, scopes, resources,
+                      metadata::text, rate_limit_per_minute, create_time, expire_time,
+                      revoke_time, revoke_reason, created_by, limits::text, credit_terms::text
+                 FROM keystile.keys ORDER BY id"""
         )
+        credits = self.query("SELECT key_id, remaining FROM keystile.key_credits ORDER BY key_id")
+        policies = self.query("SELECT owner_id, update_time FROM keystile.owner_policies ORDER BY owner_id")
+        return (tuple(keys), tuple(credits), tuple(policies))
 
 
 @pytest.fixture(scope="session")

@@ -97,6 +97,35 @@ MATRIX = {
     },
     ("verify", "own"): {r: OK for r in ROLES},
     ("verify", "other"): {r: OK for r in ROLES},
+    # Owner policies and credit balances: admins change them; readers see their own owner's.
+    ("set_policy", "own"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("set_policy", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("delete_policy", "own"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("delete_policy", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("get_policy", "own"): {
+        "admin": OK,
+        "writer": OK,
+        "reader": OK,
+        "verifier": DENIED,
+        "unprivileged": DENIED,
+    },
+    ("get_policy", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("get_credits", "own"): {
+        "admin": OK,
+        "writer": OK,
+        "reader": OK,
+        "verifier": DENIED,
+        "unprivileged": DENIED,
+    },
+    ("get_credits", "other"): {
+        "admin": OK,
+        "writer": NOT_FOUND,
+        "reader": NOT_FOUND,
+        "verifier": DENIED,
+        "unprivileged": DENIED,
+    },
+    ("update_credits", "own"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("update_credits", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
 }
 
 
@@ -110,7 +139,8 @@ def test_role_matrix(
     if role == "admin" and whose == "own":
         owner = tenants["home"]  # an admin's "own" case acts on a tenant too
     with server.client() as admin_client:
-        target = admin_client.create_key(owner, "target", scopes=["jobs:read"])
+        target = admin_client.create_key(owner, "target", scopes=["jobs:read"], credits=1000)
+        admin_client.set_owner_policy(keystile.owner_policy(owner, max_active_keys=1000))
     before = db.snapshot()
     calls: dict[str, Callable[[keystile.Client], Any]] = {
         "create": lambda c: c.create_key(owner, "new"),
@@ -118,6 +148,11 @@ def test_role_matrix(
         "list": lambda c: c.list_keys(owner),
         "revoke": lambda c: c.revoke_key(target.key.id, reason="test"),
         "verify": lambda c: c.verify_key(target.secret),
+        "set_policy": lambda c: c.set_owner_policy(keystile.owner_policy(owner, max_active_keys=999)),
+        "get_policy": lambda c: c.get_owner_policy(owner),
+        "delete_policy": lambda c: c.delete_owner_policy(owner),
+        "get_credits": lambda c: c.get_credits(target.key.id),
+        "update_credits": lambda c: c.update_credits(target.key.id, add=1),
     }
     expected = MATRIX[(rpc, whose)][role]
     with server.client(api_key=caller.secret) as client:
@@ -129,6 +164,10 @@ def test_role_matrix(
                 assert target.key.id in [k.id for k in result.keys]
             if rpc == "verify":
                 assert result.result == keys_pb2.VERIFY_RESULT_VALID
+            if rpc == "get_policy":
+                assert result.owner_id == owner and result.max_active_keys == 1000
+            if rpc == "get_credits":
+                assert result.remaining == 1000
             return
         error_type = keystile.PermissionDeniedError if expected == DENIED else keystile.NotFoundError
         with pytest.raises(error_type) as info:

@@ -307,3 +307,31 @@ def test_a_slow_statement_fails_alone_and_is_no_outage(
     with running.client() as client:
         assert client.revoke_key(locked.key.id).state == keys_pb2.KEY_STATE_REVOKED
     running.stop()
+
+
+def test_leased_units_are_spent_then_unavailable_while_the_database_is_down(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str, database_url: str
+) -> None:
+    running = start_server(fault_settings(pg_proxy, on_database_outage="serve-cached", max_staleness=30.0))
+    with running.client() as client:
+        secret = client.create_key(owner, "limited", limits=[keystile.rate_limit("w", 1000, 60)]).secret
+        time.sleep(0.3)  # let the creation's event pass, so that the key is cached
+        before = [client.verify_key(secret).result for _ in range(200)]  # the process leases ahead
+    assert before.count(keys_pb2.VERIFY_RESULT_VALID) == 200
+    leased = int(Db(database_url).scalar("SELECT sum(used) FROM keystile.usage_slots"))  # type: ignore[arg-type]
+    pg_proxy.cut()
+    outcomes: list[str] = []
+    with running.client(timeout=5) as client:
+        for _ in range(100):
+            try:
+                outcomes.append(keys_pb2.VerifyResult.Name(client.verify_key(secret).result))
+            except keystile.UnavailableError:
+                outcomes.append("UNAVAILABLE")
+    pg_proxy.restore()
+    valid = outcomes.count("VERIFY_RESULT_VALID")
+    # The units in hand, and not one more; then UNAVAILABLE, never a refusal or NOT_FOUND.
+    assert 0 < valid <= leased - 200
+    assert set(outcomes) <= {"VERIFY_RESULT_VALID", "UNAVAILABLE"}
+    assert outcomes[-1] == "UNAVAILABLE"
+    assert outcomes == sorted(outcomes, key=lambda o: o != "VERIFY_RESULT_VALID")
+    running.stop()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from fix_server import RunningServer
 
 import keystile
 from keystile.v1 import keys_pb2
@@ -25,7 +26,7 @@ def test_limit_admits_exactly_its_count_then_refuses(client: keystile.Client, ow
     assert refused.result == R.VERIFY_RESULT_RATE_LIMITED
     assert refused.key.id == created.key.id
     assert refused.limit.name == "burst" and refused.limit.limit == 10 and refused.limit.remaining == 0
-    assert 0 < refused.limit.reset.ToTimedelta().total_seconds() <= 31
+    assert 0 < refused.limit.reset.ToTimedelta().total_seconds() <= 30 * 1.06  # a lease lasts W/20
     assert refused.limit.window.ToTimedelta().total_seconds() == 30
 
 
@@ -136,3 +137,67 @@ def test_bad_costs_are_refused(client: keystile.Client, owner: str) -> None:
     with pytest.raises(keystile.InvalidArgumentError):
         client.verify_key(secret, cost=1001)
     assert client.get_credits(client.verify_key(secret).key.id).remaining <= 9
+
+
+def test_a_limited_key_cannot_mint_a_less_limited_one(
+    server: RunningServer, client: keystile.Client, owner: str
+) -> None:
+    writer = client.create_key(owner, "writer", scopes=["keys:write"], rate_limit_per_minute=10)
+    with keystile.Client(server.address, api_key=writer.secret) as limited:
+        for options in ({}, {"rate_limit_per_minute": 11}, {"limits": [keystile.rate_limit("w", 10, 30)]}):
+            with pytest.raises(keystile.PermissionDeniedError) as denied:
+                limited.create_key(owner, "child", **options)  # type: ignore[arg-type]
+            assert denied.value.reason == "ESCALATION" and "limits" in denied.value.field_violations
+        # As strict or stricter passes: the same, or fewer over a longer window.
+        limited.create_key(owner, "same", rate_limit_per_minute=10)
+        limited.create_key(owner, "stricter", limits=[keystile.rate_limit("hour", 5, 3600)])
+
+
+def test_a_key_with_credits_cannot_mint_one_without(
+    server: RunningServer, client: keystile.Client, owner: str
+) -> None:
+    writer = client.create_key(owner, "writer", scopes=["keys:write"], credits=100)
+    with keystile.Client(server.address, api_key=writer.secret) as metered:
+        with pytest.raises(keystile.PermissionDeniedError) as denied:
+            metered.create_key(owner, "free")
+        assert "credits" in denied.value.field_violations
+        with pytest.raises(keystile.PermissionDeniedError):
+            metered.create_key(
+                owner, "refilling", credits=keystile.credits(5, refill="daily", refill_amount=5)
+            )
+        metered.create_key(owner, "metered", credits=50)
+
+
+def test_revocation_ends_leased_units_at_once(
+    server: RunningServer, client: keystile.Client, owner: str
+) -> None:
+    created = client.create_key(owner, "svc", limits=[keystile.rate_limit("w", 1000, 60)])
+    with server.client(cache=True) as caching:
+        deadline = time.monotonic() + 5
+        while not caching.cache_stats().live:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        for _ in range(50):  # both this client and the server now hold leased units
+            assert caching.verify_key(created.secret).result == R.VERIFY_RESULT_VALID
+            assert client.verify_key(created.secret).result == R.VERIFY_RESULT_VALID
+        client.revoke_key(created.key.id)
+        assert client.verify_key(created.secret).result == R.VERIFY_RESULT_REVOKED
+        deadline = time.monotonic() + 2
+        while caching.verify_key(created.secret).result != R.VERIFY_RESULT_REVOKED:
+            assert time.monotonic() < deadline
+
+
+def test_caching_client_spends_leases_from_memory(
+    server: RunningServer, client: keystile.Client, owner: str
+) -> None:
+    created = client.create_key(owner, "svc", limits=[keystile.rate_limit("w", 500, 60)])
+    with server.client(cache=True) as caching:
+        deadline = time.monotonic() + 5
+        while not caching.cache_stats().live:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        results = [caching.verify_key(created.secret).result for _ in range(700)]
+        stats = caching.cache_stats()
+    assert results.count(R.VERIFY_RESULT_VALID) == 500 or results.count(R.VERIFY_RESULT_VALID) >= 450
+    assert results.count(R.VERIFY_RESULT_VALID) <= 500
+    assert stats is not None and stats.hits > 500  # most answers came from memory

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Final, NamedTuple
 
 from ._format import hash_key
+from ._limits import LeaseSizer
 from .v1 import keys_pb2
 
 SILENCE_FACTOR: Final = 3.0
@@ -36,15 +37,13 @@ SILENCE_FACTOR: Final = 3.0
 
 _Entry = tuple[keys_pb2.VerifyKeyResponse, float, float]  # response, stale-after, expires-at (wall)
 _NEVER: Final = float("inf")
-MAX_LEASE: Final = 1_000
-"""The most units a caching client asks to hold for one key."""
 _REFUSALS: Final = frozenset({keys_pb2.VERIFY_RESULT_RATE_LIMITED, keys_pb2.VERIFY_RESULT_USAGE_EXCEEDED})
 
 
 class _Allowance:
     """Units leased for one key, the VALID response they answer with, and a refusal's deadline."""
 
-    __slots__ = ("refusal", "refused_until", "response", "units", "until", "want")
+    __slots__ = ("refusal", "refused_until", "response", "sizer", "units", "until")
 
     def __init__(self) -> None:
         self.units = 0
@@ -52,7 +51,7 @@ class _Allowance:
         self.response: keys_pb2.VerifyKeyResponse | None = None
         self.refusal: keys_pb2.VerifyKeyResponse | None = None
         self.refused_until = -_NEVER
-        self.want = 8
+        self.sizer = LeaseSizer()
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +157,7 @@ class VerdictCache:
             allowance = self._allowances.get(secret_hash)
             if allowance is None:
                 return None
+            allowance.sizer.demand += cost
             if now < allowance.refused_until:
                 return allowance.refusal
             if allowance.units >= cost and now < allowance.until:
@@ -165,26 +165,23 @@ class VerdictCache:
                 return allowance.response
             return None
 
-    def lease_size(self, secret_hash: bytes) -> int:
-        """How many units to ask for with the next verification of this key."""
+    def lease_size(self, secret_hash: bytes, cost: int) -> int:
+        """How many units beyond this call's ``cost`` to ask for with its verification."""
         now = self._clock()
         with self._lock:
             if not self._live:
                 return 0  # nothing leased could be kept: ask for no more than this call's units
             allowance = self._allowances.get(secret_hash)
             if allowance is None:
-                return 8
-            if now < allowance.until and allowance.units == 0:  # used up early: a busy key
-                allowance.want = min(allowance.want * 2, MAX_LEASE)
-            elif now >= allowance.until and allowance.units > 0:  # expired unspent
-                allowance.want = max(allowance.want // 2, 1)
-            return allowance.want
+                return 0  # not known to be limited yet
+            return allowance.sizer.want(now, cost) - cost
 
     def _leased(self, pending: PendingVerdict, response: keys_pb2.VerifyKeyResponse, sent: float) -> None:
         with self._lock:
             if not self._live or pending.epoch != self.epoch:
                 return  # the key changed meanwhile: units leased for the old one are dropped
             allowance = self._allowances.setdefault(pending.secret_hash, _Allowance())
+            allowance.sizer.leased(sent, response.lease.valid_for.ToNanoseconds() / 1e9)
             if response.result in _REFUSALS:
                 allowance.units = 0
                 reset = response.limit.reset.ToNanoseconds() / 1e9

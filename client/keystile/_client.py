@@ -360,7 +360,7 @@ class Client:
             if spent is not None:
                 return spent
         sent = time.monotonic()
-        lease = cache.lease_size(pending.secret_hash)
+        lease = cache.lease_size(pending.secret_hash, cost or 1)
         response = self._verify(key, pending.scopes, resource, timeout, cost, lease)
         cache.store(pending, response, sent)
         return response
@@ -589,7 +589,7 @@ class AsyncClient:
             if spent is not None:
                 return spent
         sent = time.monotonic()
-        lease = cache.lease_size(pending.secret_hash)
+        lease = cache.lease_size(pending.secret_hash, cost or 1)
         response = await self._verify(key, pending.scopes, resource, timeout, cost, lease)
         cache.store(pending, response, sent)
         return response

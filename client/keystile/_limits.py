@@ -7,6 +7,7 @@ what the server does with them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Final, Literal
@@ -61,3 +62,40 @@ def update_credits_request(
         return keys_pb2.UpdateCreditsRequest(id=key_id, add=add)
     assert set_to is not None
     return keys_pb2.UpdateCreditsRequest(id=key_id, set=set_to)
+
+
+MAX_LEASE: Final = 1_000
+"""The most units one lease asks for."""
+LEASE_HEADROOM: Final = 1.25
+
+
+class LeaseSizer:
+    """How many units to lease for one key: what its caller is expected to spend while a lease lasts.
+
+    Units that expire unspent are lost to every caller until they leave the window, so a lease
+    should hold about the demand seen since the last one, over the time the last one lasted.
+    Shared by the server's allowances and the caching clients (docs/LIMITS.md).
+    """
+
+    __slots__ = ("demand", "since", "valid_for")
+
+    def __init__(self) -> None:
+        self.demand = 0
+        """Units asked for since the last lease (admitted or not)."""
+        self.since = 0.0
+        self.valid_for = 0.0
+
+    def want(self, now: float, need: int) -> int:
+        """Units to ask for at ``now`` (seconds, monotonic), at least ``need``."""
+        elapsed = now - self.since
+        if self.valid_for <= 0 or elapsed <= 0:
+            return 2 * need  # nothing known yet: this request's units and one more, to learn
+        expected = math.ceil(self.demand / elapsed * self.valid_for * LEASE_HEADROOM)
+        return min(max(expected, need), MAX_LEASE)
+
+    def leased(self, now: float, valid_for: float) -> None:
+        """A lease was granted at ``now``, lasting ``valid_for`` seconds (0: refused)."""
+        self.since = now
+        self.demand = 0
+        if valid_for > 0:
+            self.valid_for = valid_for

@@ -304,7 +304,8 @@ class KeystileServer:
         if self._filter is not None:
             self._filter.stop()
         self._events.close_all("listener disconnected")
-        self._key_service().allowances.clear()
+        # Leased units stay spendable (they are the database's grant, whatever happens next);
+        # they are dropped when events flow again, as changes may have been missed meanwhile.
         if self.settings.on_database_outage == "serve-cached":
             self._cache.hold()
             _log.warning(

@@ -14,9 +14,9 @@ than the database's), and units are dropped (never given back) when the key chan
 snapshot is replaced, or when they expire. Losing units is always safe; docs/LIMITS.md has the
 whole argument.
 
-How many units to ask for adapts to the key's traffic: twice as many after a lease that ran out,
-half as many after one that expired unspent. The database grants at most a quarter of what is
-left, so batches shrink as a window nears its limit.
+How many units to ask for follows the key's traffic (``keystile._limits.LeaseSizer``): about
+what this process was asked for over as long as the last lease lasted. The database grants at
+most a quarter of what is left, so batches shrink as a window nears its limit.
 """
 
 from __future__ import annotations
@@ -28,13 +28,13 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
+from keystile._limits import LeaseSizer
+
 from ..metrics import ServerMetrics
 from ..model import KeyRecord, Lease, LimitStatus, Verification, VerifyResult
 from ..store.usage_store import LeaseResult, UsageStore
 from .rules import CREDITS, Counters, counters_of
 
-MAX_WANT: Final = 1_000
-"""The most units one lease asks for on this process's behalf."""
 MAX_ROUNDS: Final = 4
 """Leases one verification waits for before it is refused as contended (RATE_LIMITED)."""
 MAX_ALLOWANCES: Final = 100_000
@@ -63,9 +63,9 @@ class Allowance:
         "refused_until",
         "room",
         "shown",
+        "sizer",
         "units",
         "until",
-        "want",
     )
 
     def __init__(self, record: KeyRecord) -> None:
@@ -79,7 +79,7 @@ class Allowance:
         """While refused: the most units the database could still grant (a smaller cost may pass)."""
         self.shown: _Counter | None = None
         """The counter closest to exhaustion: what responses describe."""
-        self.want = 4
+        self.sizer = LeaseSizer()
         self.leasing: asyncio.Future[None] | None = None
 
     def status(self, now: float) -> LimitStatus | None:
@@ -147,6 +147,7 @@ class Allowances:
         allowance = self._by_hash.get(record.secret_hash)
         if allowance is None or allowance.record is not record:
             return None
+        allowance.sizer.demand += cost
         return self._spend(allowance, cost, now)
 
     def _spend(self, allowance: Allowance, cost: int, now: float) -> Verification | None:
@@ -163,6 +164,7 @@ class Allowances:
     async def admit(self, record: KeyRecord, cost: int) -> Verification:
         """The verdict for a VALID key's use, leasing units as needed (StoreUnavailable if it cannot)."""
         allowance = self._allowance(record)
+        allowance.sizer.demand += cost
         for _ in range(MAX_ROUNDS):
             verdict = self._spend(allowance, cost, self._clock())
             if verdict is not None:
@@ -177,12 +179,9 @@ class Allowances:
     async def _refill(self, allowance: Allowance, cost: int) -> None:
         try:
             now = self._clock()
-            if now < allowance.until:  # ran out before the deadline: the key is busy
-                allowance.want = min(allowance.want * 2, MAX_WANT)
-            elif allowance.units > 0:  # expired unspent
-                allowance.want = max(allowance.want // 2, 1)
-            want = max(allowance.want, cost)
+            want = allowance.sizer.want(now, cost)
             result = await self._lease(allowance.counters, allowance.record, want, cost)
+            allowance.sizer.leased(now, result.valid_ms / 1000)
             if result.granted:
                 allowance.units, allowance.until = result.granted, now + result.valid_ms / 1000
             else:

@@ -181,7 +181,7 @@ class UsageStore:
             return LeaseResult(
                 granted=int(row[0]),
                 valid_ms=int(row[1]),
-                remaining=tuple(int(x) for x in row[2] or ()),
+                remaining=tuple(max(int(x), 0) for x in row[2] or ()),  # a lowered limit leaves < 0
                 reset_ms=tuple(int(x) for x in row[3] or ()),
                 credits_left=int(row[4]) if row[4] is not None else None,
                 credits_reset_ms=int(row[5]) if row[5] is not None else None,

@@ -163,15 +163,10 @@ BEGIN
         FOR i IN 1..n LOOP
             s := slot_ms[i];
             j := now_ms / s;
-            -- With room to spare a lease may last a tenth of the window; near the limit only this
-            -- slot, or the next one too when this one is half over (so its units are not wasted).
-            IF room[i] - g >= caps[i] / 2 THEN
-                m := span[i] / 10;
-            ELSIF (j + 1) * s - now_ms < s / 2 THEN
-                m := 1;
-            ELSE
-                m := 0;
-            END IF;
+            -- A lease lasts about a twentieth of the window (ten slots, whatever the room left),
+            -- so that a caller can size its next lease from this one's: units it would not spend
+            -- in time are wasted for everyone until they leave the window.
+            m := span[i] / 20;
             until_ms := least(until_ms, (j + m + 1) * s);
         END LOOP;
         until_ms := coalesce(until_ms, now_ms + 1000);
