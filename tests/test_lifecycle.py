@@ -213,9 +213,9 @@ def test_key_timestamps_match_protobufs_own_conversion(value: datetime) -> None:
     """Responses set Timestamps with a fast path of our own; it must agree with FromDatetime."""
     from google.protobuf import timestamp_pb2
 
-    from keystile_server.handlers import _set_timestamp
+    from keystile_server.wire import set_timestamp
 
     expected, ours = timestamp_pb2.Timestamp(), timestamp_pb2.Timestamp()
     expected.FromDatetime(value)
-    _set_timestamp(ours, value)
+    set_timestamp(ours, value)
     assert (ours.seconds, ours.nanos) == (expected.seconds, expected.nanos)

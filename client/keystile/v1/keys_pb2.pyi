@@ -274,11 +274,8 @@ class UsageLease(_message.Message):
 
     UNITS_FIELD_NUMBER: _builtins.int
     VALID_FOR_FIELD_NUMBER: _builtins.int
-    TOKEN_FIELD_NUMBER: _builtins.int
     units: _builtins.int
     """units is how many units the client may admit without asking again."""
-    token: _builtins.bytes
-    """token identifies the lease when its unspent units are given back; opaque and signed."""
     @_builtins.property
     def valid_for(self) -> _duration_pb2.Duration:
         """valid_for is how long, counted from when the client sent its request, the units may be spent."""
@@ -288,41 +285,14 @@ class UsageLease(_message.Message):
         *,
         units: _builtins.int = ...,
         valid_for: _duration_pb2.Duration | None = ...,
-        token: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["valid_for", b"valid_for"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "units", b"units", "valid_for", b"valid_for"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["units", b"units", "valid_for", b"valid_for"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UsageLease: _TypeAlias = UsageLease  # noqa: Y015
-
-@_typing.final
-class UsageReturn(_message.Message):
-    """UsageReturn gives back the unspent units of a lease, so that other callers may admit them."""
-
-    DESCRIPTOR: _descriptor.Descriptor
-
-    TOKEN_FIELD_NUMBER: _builtins.int
-    UNUSED_FIELD_NUMBER: _builtins.int
-    token: _builtins.bytes
-    """token is the lease's token."""
-    unused: _builtins.int
-    """unused is how many of the lease's units were not spent; they are never spent afterwards."""
-    def __init__(
-        self,
-        *,
-        token: _builtins.bytes = ...,
-        unused: _builtins.int = ...,
-    ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
-    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["token", b"token", "unused", b"unused"]  # noqa: Y015
-    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
-
-Global___UsageReturn: _TypeAlias = UsageReturn  # noqa: Y015
 
 @_typing.final
 class OwnerPolicy(_message.Message):
@@ -751,7 +721,6 @@ class VerifyKeyRequest(_message.Message):
     RESOURCE_FIELD_NUMBER: _builtins.int
     COST_FIELD_NUMBER: _builtins.int
     LEASE_UNITS_FIELD_NUMBER: _builtins.int
-    RETURNED_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """key is the secret exactly as presented by the client."""
     resource: _builtins.str
@@ -764,10 +733,6 @@ class VerifyKeyRequest(_message.Message):
     def required_scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """required_scopes must all be granted by the key."""
 
-    @_builtins.property
-    def returned(self) -> _containers.RepeatedCompositeFieldContainer[Global___UsageReturn]:
-        """returned gives back the unspent units of earlier leases; at most 16."""
-
     def __init__(
         self,
         *,
@@ -776,11 +741,10 @@ class VerifyKeyRequest(_message.Message):
         resource: _builtins.str = ...,
         cost: _builtins.int = ...,
         lease_units: _builtins.int = ...,
-        returned: _abc.Iterable[Global___UsageReturn] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "key", b"key", "lease_units", b"lease_units", "required_scopes", b"required_scopes", "resource", b"resource", "returned", b"returned"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cost", b"cost", "key", b"key", "lease_units", b"lease_units", "required_scopes", b"required_scopes", "resource", b"resource"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
