@@ -178,6 +178,16 @@ class VerificationCache:
             return entry.record
         return await self.load(secret_hash)
 
+    def stored(self, secret_hash: bytes) -> None:
+        """A key was just stored by this process: never answer it from the filter or a negative entry.
+
+        Its creation event will say the same within milliseconds, but the creating caller may
+        verify the key before the event arrives.
+        """
+        if self._filter is not None:
+            self._filter.add(secret_hash)
+        self.invalidate(secret_hash)
+
     def invalidate(self, secret_hash: bytes) -> None:
         """Forget one key now, and fence every load in flight (it may have read the old row)."""
         self._epoch += 1

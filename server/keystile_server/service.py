@@ -242,6 +242,7 @@ class KeyService:
             now=now,
             expiry_field="ttl" if spec.ttl is not None else "expire_time",
         )
+        self._cache.stored(record.secret_hash)
         _log.info("key created id=%s owner=%s hint=%s by=%s", record.id, owner_id, parsed.hint, created_by)
         return CreatedKey(key=record, secret=secret)
 
