@@ -17,11 +17,20 @@ Starts an embedded PostgreSQL and keystile servers on it, seeds keys, and measur
 6. miss-path latency at 1 in flight with 10,000 and with 1,000,000 keys in the table (a second
    database holding the same keys plus filler, served by its own uncached server, measured
    alternately with the first), and cache memory per entry;
-7. the key filter of that 1,000,000-key server: memory per stored key and its load time.
+7. the key filter of that 1,000,000-key server: memory per stored key and its load time;
+8. every other request shape a service sends (required scopes, a resource, a cost) against the
+   no-op, like the key-only hit of 1;
+9. the hit of a rate-limited key against an unlimited one's, and the statements per limited
+   verification;
+10. the bound: one key limited to 600 per minute, driven at 5x its limit for 3 minutes
+    (``BENCH_BOUND_SECONDS``) by 3 worker processes and 2 caching clients: the most admissions in
+    any window and the admissions per window (``limits_bench.py``);
+11. the caching client's verifications per second of rate-limited keys.
 
 Servers and PostgreSQL are pinned to CPU 0 and the load to CPU 1 (on a 2-core machine), as
 PERF-NOTES recommends. Results go to bench/results/latest.json and latest.png, and a table is
-printed. Nothing here is a pass/fail test: the numbers are reported, targets alongside.
+printed. Nothing here is a pass/fail test: the numbers are reported, targets alongside. It takes
+about 6 minutes, 3 of them the bound's.
 """
 
 from __future__ import annotations
@@ -49,6 +58,7 @@ from typing import Any
 import grpc
 import psutil
 import psycopg
+from limits_bench import bound_run, client_limited_rate, seed_limited, shape_requests
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
@@ -73,6 +83,7 @@ BIG_TABLE = 1_000_000
 REVOCATIONS = 200
 PROPAGATION_POLL = 0.002
 LATENCY_ROUNDS = 4
+BOUND_SECONDS = float(os.environ.get("BENCH_BOUND_SECONDS", "180"))
 SMALL_MISS = f"miss latency {SEED_KEYS:,} keys"
 BIG_MISS = f"miss latency {BIG_TABLE:,} keys"
 
@@ -473,6 +484,8 @@ def main() -> int:
         log(f"seeding {SEED_KEYS:,} keys")
         keys = [keystile.generate_key("ks") for _ in range(SEED_KEYS)]
         seed(url, keys, owner="bench", scopes=["bench:verify"])
+        limited = [keystile.generate_key("ks") for _ in range(100)]
+        seed_limited(url, limited, owner="bench")
         vacuum(url)
         # Target 6 compares the miss path on 10,000 and on 1,000,000 keys. The big table is a
         # second database holding the same keys plus filler, with its own uncached server, so
@@ -505,6 +518,8 @@ def main() -> int:
         misses = verify_requests(keys)
         malformed = verify_requests([f"ks_malformed-{i}" for i in range(100)])
         revoked_requests = verify_requests(revoked)
+        shapes = shape_requests(hot)
+        limited_hits = verify_requests(limited)
 
         log(
             f"VerifyKey vs no-op: {ROUNDS} rounds, each between two no-op phases"
@@ -535,6 +550,23 @@ def main() -> int:
         phases += phases_of([(f"malformed r{ROUNDS}", spec(cache_on, malformed, "verify", 16))])
         time.sleep(2.5)
         malformed_after = cache_on.metrics()
+
+        log("request shapes vs no-op, and a limited key's hit vs an unlimited one's (16 in flight)")
+        shape_plan: list[tuple[str, LoadSpec]] = []
+        for shape, requests in shapes.items():
+            shape_plan += alternating(
+                ("no-op", spec(cache_on, noop, "health", 16)),
+                (f"{shape} hit", spec(cache_on, requests, "verify", 16)),
+            )
+        shape_plan += alternating(
+            ("cache hit", spec(cache_on, hits, "verify", 16)),
+            ("limited hit", spec(cache_on, limited_hits, "verify", 16)),
+        )
+        phases += phases_of(shape_plan)
+        limited_before = cache_on.metrics()
+        phases += phases_of([("limited hit steady", spec(cache_on, limited_hits, "verify", 16, 3.0))])
+        time.sleep(2.5)
+        limited_after = cache_on.metrics()
 
         def ratio(name: str, base: str, concurrency: int) -> dict[str, Any]:
             """Median over rounds of B / mean(A before, A after), by calls/s and by server CPU."""
@@ -585,6 +617,16 @@ def main() -> int:
         workers.stop()
         servers.remove(workers)
 
+        log(f"the bound: 600/min at 5x for {BOUND_SECONDS:.0f} s, 3 workers and 2 caching clients")
+        workers = Served(url, "server-workers-bound", "--workers", "3")
+        servers.append(workers)
+        workers.wait_serving()
+        time.sleep(2)  # every worker listening
+        bound = bound_run(workers.address, ADMIN_KEY, BOUND_SECONDS)
+        log(f"  {bound}")
+        workers.stop()
+        servers.remove(workers)
+
         big_metrics = big_off.metrics()
         key_filter = {
             "keys": int(big_metrics.get("keystile_key_filter_keys", 0)),
@@ -598,6 +640,9 @@ def main() -> int:
         os.sched_setaffinity(0, LOAD_CPU)
         client_cache = client_cache_rate(cache_on.address, hot)
         log(f"  {client_cache['per_second']:,}/s")
+        log("caching client on one core, rate-limited keys")
+        client_limited = client_limited_rate(cache_on.address, limited)
+        log(f"  {client_limited['per_second']:,}/s")
         log("cache memory per entry")
         memory = cache_memory(url, keys)
         log(f"  {memory['bytes_per_entry']} bytes")
@@ -640,6 +685,26 @@ def main() -> int:
                     "target": "p50 ratio <= 1.5",
                 },
                 "7_key_filter_1m": key_filter | {"target": "reported (memory per key, load time)"},
+                "8_shapes_vs_noop_c16": {shape: ratio(f"{shape} hit", "no-op", 16) for shape in shapes}
+                | {"target": ">= 0.93 by server CPU"},
+                "9_limited_vs_unlimited_c16": ratio("limited hit", "cache hit", 16)
+                | {
+                    "statements_per_verify": round(
+                        (
+                            total(limited_after, "keystile_db_queries_total")
+                            - total(limited_before, "keystile_db_queries_total")
+                        )
+                        / max(
+                            1.0,
+                            total(limited_after, "keystile_verifications_total")
+                            - total(limited_before, "keystile_verifications_total"),
+                        ),
+                        5,
+                    ),
+                    "target": ">= 0.90 by server CPU; statements per lease, not per verification",
+                },
+                "10_bound_600_per_minute": bound | {"target": "max <= 600; min per window >= 540"},
+                "11_client_limited_per_second": {**client_limited, "target": ">= 50000"},
             },
             "revocation_ms": revocation["ms"],
             "seconds": round(time.monotonic() - started, 1),
@@ -705,6 +770,34 @@ def table(results: dict[str, Any]) -> str:
         ),
         ("6", "miss p50 1M keys / 10k keys", f"{t['6_big_table']['p50_ratio']:.2f}", "<= 1.5"),
         ("6", "server cache bytes per entry", str(t["6_big_table"]["cache_bytes_per_entry"]), "reported"),
+        *(
+            (
+                "8",
+                f"{shape} hit / no-op, 16 in flight",
+                _ratios(t["8_shapes_vs_noop_c16"][shape]),
+                ">= 0.93 by CPU",
+            )
+            for shape in ("scopes", "resource", "cost")
+        ),
+        ("9", "limited key hit / unlimited hit", _ratios(t["9_limited_vs_unlimited_c16"]), ">= 0.90 by CPU"),
+        (
+            "9",
+            "DB statements per limited VerifyKey",
+            f"{t['9_limited_vs_unlimited_c16']['statements_per_verify']:.5f}",
+            "per lease only",
+        ),
+        (
+            "10",
+            "600/min at 5x: most in any window / fewest per window",
+            "{max_in_any_window} / {min_per_window}".format(**t["10_bound_600_per_minute"]),
+            "<= 600 / >= 540",
+        ),
+        (
+            "11",
+            "caching client verifications/s, limited keys",
+            f"{t['11_client_limited_per_second']['per_second']:,}",
+            ">= 50,000",
+        ),
         (
             "7",
             f"key filter at {t['7_key_filter_1m']['keys']:,} keys: bytes per key / load s",

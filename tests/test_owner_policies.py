@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 from datetime import timedelta
 
 import pytest
 from fix_db import Db
-from fix_server import RunningServer
+from fix_server import RunningServer, run_cli
 
 import keystile
 from keystile.v1 import keys_pb2
@@ -114,3 +115,35 @@ def test_a_limit_change_takes_effect_at_once(client: keystile.Client, owner: str
     client.delete_owner_policy(owner)
     time.sleep(0.2)
     assert client.verify_key(secret).result == R.VERIFY_RESULT_VALID
+
+
+def test_the_cli_sets_limits_policies_and_credits(server: RunningServer, owner: str) -> None:
+    target = ("--target", server.address)
+    created = run_cli(
+        "keys", "create", *target, "--owner", owner, "--name", "cli", "--limit", "second=10/1s",
+        "--limit", "day=10000/1d+500", "--credits", "5", "--refill", "monthly", "--refill-amount", "100",
+        "--json",
+    )  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    key = json.loads(created.stdout)["key"]
+    assert [(x["name"], x["limit"]) for x in key["limits"]] == [("second", "10"), ("day", "10000")]
+    assert key["limits"][1]["burst"] == "500" and key["credits"]["refill"] == "CREDIT_REFILL_MONTHLY"
+    shown = run_cli("keys", "get", *target, key["id"])
+    assert "second=10/1s day=10000/86400s+500" in shown.stdout
+    assert "refilled monthly to 100" in shown.stdout
+    assert run_cli("credits", "get", *target, key["id"]).stdout.split()[:2] == ["remaining", "5"]
+    assert "remaining  12" in run_cli("credits", "set", *target, key["id"], "12").stdout
+    assert "remaining  15" in run_cli("credits", "add", *target, key["id"], "3").stdout
+
+    policy = run_cli(
+        "policy", "set", *target, "--owner", owner, "--max-active-keys", "3", "--max-key-lifetime", "90d",
+        "--limit", "tenant=100/1m",
+    )  # fmt: skip
+    assert policy.returncode == 0, policy.stderr
+    assert "max active keys   3" in policy.stdout and "tenant=100/60s" in policy.stdout
+    assert "90 days" in run_cli("policy", "get", *target, "--owner", owner).stdout
+    assert run_cli("policy", "delete", *target, "--owner", owner).returncode == 0
+    missing = run_cli("policy", "get", *target, "--owner", owner)
+    assert missing.returncode == 1 and "POLICY_NOT_FOUND" in missing.stderr
+    bad = run_cli("keys", "create", *target, "--owner", owner, "--name", "x", "--limit", "nonsense")
+    assert bad.returncode == 2 and "NAME=COUNT/WINDOW" in bad.stderr

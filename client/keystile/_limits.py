@@ -64,16 +64,19 @@ def update_credits_request(
     return keys_pb2.UpdateCreditsRequest(id=key_id, set=set_to)
 
 
-MAX_LEASE: Final = 1_000
-"""The most units one lease asks for."""
-LEASE_HEADROOM: Final = 1.25
+MAX_LEASE: Final = 10_000
+"""The most units one lease asks for (VerifyKeyRequest.lease_units' bound too)."""
+LEASE_SHARE: Final = 0.8
+"""The share of the expected demand over a lease's lifetime to ask for: a little less, so that a
+lease runs out (and the next is asked for) rather than expires with units no one can use."""
 
 
 class LeaseSizer:
     """How many units to lease for one key: what its caller is expected to spend while a lease lasts.
 
     Units that expire unspent are lost to every caller until they leave the window, so a lease
-    should hold about the demand seen since the last one, over the time the last one lasted.
+    should hold a little less than the demand seen since the last one, over the time the last one
+    lasted (the next one most likely lasts as long).
     Shared by the server's allowances and the caching clients (docs/LIMITS.md).
     """
 
@@ -90,7 +93,7 @@ class LeaseSizer:
         elapsed = now - self.since
         if self.valid_for <= 0 or elapsed <= 0:
             return 2 * need  # nothing known yet: this request's units and one more, to learn
-        expected = math.ceil(self.demand / elapsed * self.valid_for * LEASE_HEADROOM)
+        expected = math.ceil(self.demand / elapsed * self.valid_for * LEASE_SHARE)
         return min(max(expected, need), MAX_LEASE)
 
     def leased(self, now: float, valid_for: float) -> None:

@@ -12,10 +12,9 @@ import asyncio
 import json
 import logging
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
@@ -25,22 +24,13 @@ from google.protobuf import json_format
 from keystile import Client, KeystileError
 from keystile.v1 import keys_pb2
 
+from .cli_limits import add_commands, add_create_arguments, create_options, limits_text, parse_duration
 from .processes import configure_logging, run_async, serve_workers
 from .settings import Settings, SettingsError
 
 EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_NOT_VALID: Final = 3
-_DURATION_RE: Final = re.compile(r"\A(\d+)([smhdw]?)\Z")
-_UNITS: Final = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-
-
-def parse_duration(text: str) -> timedelta:
-    """``90``, ``45s``, ``30m``, ``12h``, ``7d`` or ``2w`` as a timedelta."""
-    match = _DURATION_RE.match(text.strip())
-    if not match:
-        raise argparse.ArgumentTypeError(f"invalid duration {text!r} (use e.g. 3600, 30m, 12h, 7d)")
-    return timedelta(seconds=int(match[1]) * _UNITS[match[2]])
 
 
 def parse_timestamp(text: str) -> datetime:
@@ -94,7 +84,8 @@ def _print_key(key: keys_pb2.Key, out: TextIO) -> None:
         ("state", _state(key)),
         ("scopes", " ".join(key.scopes) or "-"),
         ("resources", " ".join(key.resources) or "(any)"),
-        ("rate limit", f"{key.rate_limit_per_minute}/min" if key.rate_limit_per_minute else "unlimited"),
+        ("rate limits", limits_text(key.limits) if key.limits else "unlimited"),
+        ("credits", _credit_terms(key) if key.HasField("credits") else "-"),
         ("created", _time(key, "create_time")),
         ("expires", _time(key, "expire_time")),
         ("revoked", _time(key, "revoke_time") + (f" ({key.revoke_reason})" if key.revoke_reason else "")),
@@ -104,6 +95,12 @@ def _print_key(key: keys_pb2.Key, out: TextIO) -> None:
     if key.metadata.fields:
         rows.append(("metadata", json.dumps(json_format.MessageToDict(key.metadata), sort_keys=True)))
     _table(rows, out)
+
+
+def _credit_terms(key: keys_pb2.Key) -> str:
+    refill = keys_pb2.CreditRefill.Name(key.credits.refill).removeprefix("CREDIT_REFILL_").lower()
+    amount = key.credits.refill_amount
+    return "metered" + (f", refilled {refill} to {amount}" if amount else "")
 
 
 def _print_json(value: Any, out: TextIO) -> None:
@@ -121,6 +118,7 @@ def _cmd_create(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         expire_time=args.expire_time,
         rate_limit_per_minute=args.rate_limit,
         metadata=args.metadata,
+        **create_options(args),
     )
     if args.json:
         _print_json({"key": _key_dict(response.key), "secret": response.secret}, out)
@@ -336,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     expiry.add_argument("--expire-time", type=parse_timestamp, help="expiry instant, ISO 8601")
     create.add_argument("--rate-limit", type=int, default=0, help="requests per minute (0 = unlimited)")
     create.add_argument("--metadata", type=parse_json_object, default=None, help="JSON object")
+    add_create_arguments(create)
     create.set_defaults(client_handler=_cmd_create)
 
     get = keys.add_parser("get", parents=[common], help="show one key")
@@ -370,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _bench_arguments(bench)
     bench.set_defaults(client_handler=_cmd_bench)
+    add_commands(commands, common)
     return parser
 
 

@@ -13,6 +13,7 @@ import grpc
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
+from keystile._format import hash_key
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
 from .errors import InvalidArgument, StoreUnavailable, violation_error
@@ -26,7 +27,8 @@ from .limit_handlers import (
 )
 from .model import KeyRecord, KeyState, Verification, VerifyResult
 from .rpc_errors import abort_for, translate_errors
-from .service import KeySpec, utc_now
+from .service import KeySpec, RequestShape, utc_now
+from .verdicts import validated_cost
 from .wire import authorization, duration, parse_request, set_timestamp
 
 _STATES = {
@@ -109,23 +111,37 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
         # serialized once per snapshot instead of on every call.
         self._responses: dict[int, tuple[Verification, bytes]] = {}
         # For keys with limits, the response without its limit and lease fields, by the snapshot's
-        # identity and the result: every call appends only its own usage_bytes.
+        # identity and the result: a verdict built per call (a lease's) appends its usage_bytes.
         self._heads: dict[tuple[int, VerifyResult], tuple[KeyRecord, bytes]] = {}
+        # VerifyKey requests that name more than a key, by their SHA-256 (never by their bytes,
+        # which hold the secret): what they asked, so that a repeated request is not parsed.
+        self._shapes: dict[bytes, RequestShape] = {}
 
     def _verify_response(self, verdict: Verification) -> bytes:
-        if verdict.limit is not None or verdict.lease is not None:
-            return self._head(verdict) + usage_bytes(verdict.limit, verdict.lease)
         if verdict.reused:
             memo = self._responses.get(id(verdict))
             if memo is not None and memo[0] is verdict:  # the id is only trusted for the same object
                 return memo[1]
-        key = key_to_proto(verdict.key, utc_now()) if verdict.key is not None else None
-        serialized = keys_pb2.VerifyKeyResponse(result=_RESULTS[verdict.result], key=key).SerializeToString()
+        if verdict.limit is not None or verdict.lease is not None:
+            serialized = self._head(verdict) + usage_bytes(verdict.limit, verdict.lease)
+        else:
+            key = key_to_proto(verdict.key, utc_now()) if verdict.key is not None else None
+            serialized = keys_pb2.VerifyKeyResponse(
+                result=_RESULTS[verdict.result], key=key
+            ).SerializeToString()
         if verdict.reused:
             if len(self._responses) >= _MAX_MEMO:
                 self._responses.clear()
             self._responses[id(verdict)] = (verdict, serialized)
         return serialized
+
+    def _remember(
+        self, digest: bytes, secret: bytes, scopes: tuple[str, ...], resource: str, cost: int
+    ) -> None:
+        if len(self._shapes) >= _MAX_MEMO:
+            self._shapes.clear()
+        memo_key = (scopes, resource) if scopes or resource else None
+        self._shapes[digest] = RequestShape(hash_key(secret), scopes, resource, cost, memo_key)
 
     def _head(self, verdict: Verification) -> bytes:
         record = verdict.key
@@ -225,12 +241,21 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
             if service is None:
                 raise StoreUnavailable()
             key = key_only(request)
-            verdict = service.verify_cached(key) if key is not None else None
+            digest = None
+            if key is not None:
+                verdict = service.verify_cached(key)
+            else:
+                shape = self._shapes.get(digest := hash_key(request))
+                verdict = service.verify_shape(shape) if shape is not None else None
             if verdict is None:
                 parsed = parse_request(keys_pb2.VerifyKeyRequest, request)
-                scopes, resource, cost = parsed.required_scopes, parsed.resource, parsed.cost
-                if key is None and not parsed.lease_units:  # not tried above: more than a key
-                    verdict = service.verify_cached(parsed.key.encode(), scopes, resource, cost)
+                scopes, resource = parsed.required_scopes, parsed.resource
+                cost = validated_cost(parsed.cost, parsed.lease_units)  # before any cached answer
+                if digest is not None and not parsed.lease_units:  # not tried above: more than a key
+                    secret = parsed.key.encode()
+                    verdict = service.verify_cached(secret, scopes, resource, cost)
+                    if verdict is not None:  # the request is valid: remember its shape
+                        self._remember(digest, secret, tuple(scopes), resource, cost)
                 if verdict is None:
                     verdict = await service.verify_key(
                         parsed.key,

@@ -54,6 +54,7 @@ from .validation import (
 )
 from .verdicts import (
     MALFORMED,
+    MAX_COST,
     MAX_VERDICTS_PER_KEY,
     NOT_FOUND,
     Memo,
@@ -96,6 +97,21 @@ class KeySpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     limits: Sequence[LimitSpec] = ()
     credits: CreditTerms | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RequestShape:
+    """What a VerifyKey request asked, remembered by the transport under the request's digest.
+
+    Services send the same few requests again and again (one key, the same scopes): a request
+    seen before is answered from its shape without being parsed. Its fields passed validation.
+    """
+
+    secret_hash: bytes
+    scopes: tuple[str, ...]
+    resource: str
+    cost: int
+    memo_key: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,30 +417,45 @@ class KeyService:
         """
         if (self.verify_auth_required and not caller_authorized) or len(secret) > MAX_KEY_LENGTH:
             return None
-        secret_hash = hash_key(secret)
+        memo_key = (tuple(required_scopes), resource) if required_scopes or resource else None
+        return self._cached(hash_key(secret), memo_key, required_scopes, resource, cost, secret)
+
+    def verify_shape(self, shape: RequestShape) -> Verification | None:
+        """``verify_cached`` for a request seen before, by what it asked (``RequestShape``)."""
+        if self.verify_auth_required:
+            return None
+        return self._cached(shape.secret_hash, shape.memo_key, shape.scopes, shape.resource, shape.cost, None)
+
+    def _cached(
+        self,
+        secret_hash: bytes,
+        memo_key: object,
+        required_scopes: Sequence[str],
+        resource: str,
+        cost: int,
+        secret: bytes | None,
+    ) -> Verification | None:
         entry = self._cache.peek(secret_hash)
         if entry is None:
             # A key the filter has never seen is answered here too: a flood of unknown keys
             # then costs what cache hits cost, not a coroutine and a full parse each.
-            return (
-                self._unknown(secret, required_scopes, resource)
-                if self._cache.certainly_unknown(secret_hash)
-                else None
-            )
+            if secret is None or not self._cache.certainly_unknown(secret_hash):
+                return None
+            return self._unknown(secret, required_scopes, resource)
         record = entry.record
         if record is None:  # a remembered unknown key
             validated_requirements(required_scopes, resource)  # still, bad scopes make a bad request
             self._verdicts[VerifyResult.NOT_FOUND].inc()
             return NOT_FOUND
         now = time.time()
-        memo_key = (tuple(required_scopes), resource) if required_scopes or resource else None
         memo: Memo | None = entry.verdicts.get(memo_key)
         if memo is not None and now < memo.until:
             if now >= memo.next_use:  # a use is worth noting at most once a minute (usage.py)
                 memo.next_use = now + MIN_WRITE_INTERVAL
                 self._usage.record(record.id, now)
             if memo.limited:  # None: no units in memory, lease on the full path
-                return self._allowances.spend(record, validated_cost(cost), time.monotonic())
+                units = cost if 0 < cost <= MAX_COST else validated_cost(cost)
+                return self._allowances.spend(record, units, time.monotonic())
             memo.counter.inc()
             return memo.verdict
         # Validated here, before anything is stored: a memo hit then needs no validation.

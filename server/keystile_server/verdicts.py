@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Final
 
+from keystile._limits import MAX_LEASE
+
 from .metrics import HotCounter
 from .model import KeyRecord, KeyState, Verification, VerifyResult
 from .validation import Violations, check_resource, check_scopes, scope_covers
@@ -48,7 +50,7 @@ def validated_requirements(required_scopes: Sequence[str], resource: str) -> Seq
 
 
 MAX_COST: Final = 1_000
-MAX_LEASE_UNITS: Final = 10_000
+MAX_LEASE_UNITS: Final = MAX_LEASE
 
 
 def validated_cost(cost: int, lease_units: int = 0) -> int:

@@ -56,8 +56,12 @@ class Allowance:
     """Units one process may admit for one key snapshot, and the refusal while there are none."""
 
     __slots__ = (
+        "answers",
         "counters",
+        "fast_until",
+        "fast_verdict",
         "leasing",
+        "low_water",
         "record",
         "refusal",
         "refused_until",
@@ -81,22 +85,54 @@ class Allowance:
         """The counter closest to exhaustion: what responses describe."""
         self.sizer = LeaseSizer()
         self.leasing: asyncio.Future[None] | None = None
+        self.low_water = 0
+        """Below this many units, the next lease is asked for ahead (0: not ahead)."""
+        self.answers: dict[VerifyResult, tuple[int, Verification]] = {}
+        """The verdict last answered for each result, with the whole seconds of reset it carries."""
+        self.fast_verdict: Verification | None = None
+        self.fast_until = -math.inf
+        """Until when ``fast_verdict`` (VALID) may answer a use while units last: not refused, the
+        lease not expired, and its reset still the same whole second."""
 
     def status(self, now: float) -> LimitStatus | None:
-        """The deciding limit's status now: what remains is the database's figure plus ours."""
+        """The deciding limit's status now: what remains is the database's figure plus ours.
+
+        ``reset`` is rounded up to whole seconds, as Retry-After and RateLimit headers give it
+        (0: nothing comes back by itself).
+        """
         shown = self.shown
         if shown is None:
             return None
         base = shown.limit_status
-        reset = shown.reset_at - now
         return LimitStatus(
             base.name,
             base.limit,
             shown.remaining + self.units,
-            reset if 0.0 < reset < math.inf else 0.0,  # 0: nothing comes back by itself
+            float(_whole_seconds(shown.reset_at - now)),
             base.window_ms,
             base.owner,
         )
+
+    def answer(self, result: VerifyResult, now: float) -> Verification:
+        """The verdict to answer with: the same object while its status reads the same second.
+
+        A reused verdict lets the transport memoize its serialized response (as for keys without
+        limits), so a rate-limited key's hit costs a few attribute updates, not a response built
+        per call. The ``remaining`` it shows is as of when it was made: an upper bound, as a rate
+        limit's remaining always is (other processes hold units too).
+        """
+        shown = self.shown
+        second = _whole_seconds(shown.reset_at - now) if shown is not None else 0
+        memo = self.answers.get(result)
+        if memo is not None and memo[0] == second:
+            return memo[1]
+        verdict = Verification(result, self.record, True, self.status(now))
+        self.answers[result] = (second, verdict)
+        if result is VerifyResult.VALID:
+            self.fast_verdict = verdict
+            stale = shown.reset_at - second + 1 if shown is not None and second else math.inf
+            self.fast_until = min(self.until, stale)
+        return verdict
 
 
 class Allowances:
@@ -115,6 +151,7 @@ class Allowances:
         self._max_keys = max_keys
         self._by_hash: OrderedDict[bytes, Allowance] = OrderedDict()
         self._verdicts = metrics.verifications
+        self._valid = metrics.verifications[VerifyResult.VALID]
 
     def __len__(self) -> int:
         return len(self._by_hash)
@@ -148,18 +185,34 @@ class Allowances:
         if allowance is None or allowance.record is not record:
             return None
         allowance.sizer.demand += cost
+        # The common case, kept to a few attribute updates: units in hand, nothing changed.
+        if now < allowance.fast_until and allowance.units >= cost:
+            allowance.units -= cost
+            if allowance.units < allowance.low_water and allowance.leasing is None:
+                self._ahead(allowance)
+            self._valid.inc()
+            return allowance.fast_verdict
         return self._spend(allowance, cost, now)
 
+    def _ahead(self, allowance: Allowance) -> None:
+        """Lease the next batch before this one runs out, so that no verification waits for it.
+
+        Only for keys far from their limits (see ``_refill``): the new batch replaces what is
+        left of this one, which is lost, harmless with room to spare.
+        """
+        allowance.leasing = asyncio.ensure_future(self._refill(allowance, 1))
+        allowance.leasing.add_done_callback(_ignore_failure)
+
     def _spend(self, allowance: Allowance, cost: int, now: float) -> Verification | None:
-        if now < allowance.refused_until and cost > allowance.room:
-            result = allowance.refusal
-        elif allowance.units >= cost and now < allowance.until:
+        if allowance.units >= cost and now < allowance.until:
             allowance.units -= cost
             result = VerifyResult.VALID
+        elif now < allowance.refused_until and cost > allowance.room:
+            result = allowance.refusal
         else:
             return None
         self._verdicts[result].inc()
-        return Verification(result, allowance.record, False, allowance.status(now))
+        return allowance.answer(result, now)
 
     async def admit(self, record: KeyRecord, cost: int) -> Verification:
         """The verdict for a VALID key's use, leasing units as needed (StoreUnavailable if it cannot)."""
@@ -184,11 +237,21 @@ class Allowances:
             allowance.sizer.leased(now, result.valid_ms / 1000)
             if result.granted:
                 allowance.units, allowance.until = result.granted, now + result.valid_ms / 1000
+                allowance.refused_until = -math.inf
+                # Far from every limit (and without credits, which a dropped unit would lose for
+                # good): ask ahead once an eighth of the batch is left.
+                plentiful = allowance.record.credits is None and all(
+                    2 * remaining >= cap
+                    for remaining, cap in zip(result.remaining, allowance.counters.caps, strict=True)
+                )
+                allowance.low_water = result.granted // 8 if plentiful else 0
             else:
-                allowance.units = 0
                 allowance.refusal, allowance.refused_until = _refusal(result, cost, now)
                 allowance.room = _room(result)
+                allowance.low_water = 0
             allowance.shown = _deciding(allowance.record, allowance.counters, result, now)
+            allowance.answers.clear()
+            allowance.fast_until = -math.inf
         finally:
             allowance.leasing = None
 
@@ -220,6 +283,17 @@ class Allowances:
             want=want,
             need=need,
         )
+
+
+def _ignore_failure(future: asyncio.Future[None]) -> None:
+    """A lease asked for ahead failed (the database is down): the next use will ask again."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _whole_seconds(seconds: float) -> int:
+    """``seconds`` rounded up to whole seconds; 0 for none left or an endless wait."""
+    return math.ceil(seconds) if 0.0 < seconds < math.inf else 0
 
 
 def _room(result: LeaseResult) -> int:

@@ -163,9 +163,10 @@ BEGIN
         FOR i IN 1..n LOOP
             s := slot_ms[i];
             j := now_ms / s;
-            -- A lease lasts about a twentieth of the window (ten slots, whatever the room left),
-            -- so that a caller can size its next lease from this one's: units it would not spend
-            -- in time are wasted for everyone until they leave the window.
+            -- A lease lasts about a twentieth of the window (ten slots), whatever the room left:
+            -- its units are charged to its last slot and come back only a window after that, so
+            -- a longer lease would delay every caller's Retry-After; and callers size their next
+            -- lease from this one's lifetime.
             m := span[i] / 20;
             until_ms := least(until_ms, (j + m + 1) * s);
         END LOOP;
