@@ -58,6 +58,8 @@ from typing import Any
 import grpc
 import psutil
 import psycopg
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, however this file is loaded
 from limits_bench import bound_run, client_limited_rate, seed_limited, shape_requests
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql

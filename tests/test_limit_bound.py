@@ -189,3 +189,31 @@ def test_credits_are_never_overspent_by_concurrent_callers(three: ServeProcess, 
     assert seen[-1] == keys_pb2.VERIFY_RESULT_USAGE_EXCEEDED
     with keystile.Client(address, api_key=ADMIN_KEY) as admin:
         assert admin.get_credits(created.key.id).remaining == 0
+
+
+def test_the_bound_holds_from_light_traffic_to_overload(three: ServeProcess, owner: str) -> None:
+    """Light traffic gets schedules of periods (one lease for several); then 5x demand must still
+    find every window within the limit."""
+    address = three.address
+    limit, window = 200, 2.0
+    with keystile.Client(address, api_key=ADMIN_KEY) as admin:
+        secret = admin.create_key(owner, "ramp", limits=[keystile.rate_limit("w", limit, window)]).secret
+    callers = [keystile.Client(address, channel=_channel(address)) for _ in range(6)]
+    try:
+        admitted: list[Admission] = []
+        seen: list[int] = []
+        for rate, seconds in ((0.2 * limit / window, 2 * window), (5 * limit / window, 2 * window)):
+            until = time.monotonic() + seconds
+            threads = [
+                threading.Thread(target=_drive, args=(c, secret, rate / len(callers), until, admitted, seen))
+                for c in callers
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+    finally:
+        for c in callers:
+            c.close()
+    assert worst_window(admitted, window) <= limit
+    assert keys_pb2.VERIFY_RESULT_RATE_LIMITED in seen

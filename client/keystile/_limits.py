@@ -88,12 +88,17 @@ class LeaseSizer:
         self.since = 0.0
         self.valid_for = 0.0
 
-    def want(self, now: float, need: int) -> int:
-        """Units to ask for at ``now`` (seconds, monotonic), at least ``need``."""
+    def want(self, now: float, need: int, share: float = LEASE_SHARE) -> int:
+        """Units to ask for at ``now`` (seconds, monotonic), at least ``need``.
+
+        ``share`` of the expected demand: less than 1 near a limit, where units that expire
+        unspent are lost to others; more than 1 far from every limit, where they are not missed
+        and running short would cost another lease.
+        """
         elapsed = now - self.since
         if self.valid_for <= 0 or elapsed <= 0:
             return 2 * need  # nothing known yet: this request's units and one more, to learn
-        expected = math.ceil(self.demand / elapsed * self.valid_for * LEASE_SHARE)
+        expected = math.ceil(self.demand / elapsed * self.valid_for * share)
         return min(max(expected, need), MAX_LEASE)
 
     def leased(self, now: float, valid_for: float) -> None:

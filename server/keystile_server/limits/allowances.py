@@ -28,7 +28,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Final
 
-from keystile._limits import LeaseSizer
+from keystile._limits import LEASE_SHARE, LeaseSizer
 
 from ..metrics import ServerMetrics
 from ..model import KeyRecord, Lease, LimitStatus, Verification, VerifyResult
@@ -37,6 +37,15 @@ from .rules import CREDITS, Counters, counters_of
 
 MAX_ROUNDS: Final = 4
 """Leases one verification waits for before it is refused as contended (RATE_LIMITED)."""
+SCHEDULE: Final = 5
+"""Periods (each about a twentieth of the window) one lease may cover for a key far from its limits.
+
+Fewer leases for busy keys; the database grants a schedule only while half of every limit stays
+free after it, so the units of a period that go unspent are never missed.
+"""
+AHEAD_SHARE: Final = 1.5
+"""A schedule's units per period, as a share of the expected demand: running short mid-schedule
+would cost a lease (and drop the rest of the schedule), while leftovers are not missed."""
 MAX_ALLOWANCES: Final = 100_000
 """Keys whose allowances one process keeps; the least recently used are dropped beyond."""
 
@@ -56,12 +65,16 @@ class Allowance:
     """Units one process may admit for one key snapshot, and the refusal while there are none."""
 
     __slots__ = (
+        "ahead",
         "answers",
         "counters",
         "fast_until",
         "fast_verdict",
         "leasing",
         "low_water",
+        "per_period",
+        "period",
+        "periods_left",
         "record",
         "refusal",
         "refused_until",
@@ -87,6 +100,12 @@ class Allowance:
         self.leasing: asyncio.Future[None] | None = None
         self.low_water = 0
         """Below this many units, the next lease is asked for ahead (0: not ahead)."""
+        self.ahead = False
+        """The last lease left every limit far from exhaustion: lease the next ahead of need."""
+        self.per_period = 0
+        self.period = 0.0
+        self.periods_left = 0
+        """A schedule's further periods (``until`` ends the current one), each with ``per_period``."""
         self.answers: dict[VerifyResult, tuple[int, Verification]] = {}
         """The verdict last answered for each result, with the whole seconds of reset it carries."""
         self.fast_verdict: Verification | None = None
@@ -125,14 +144,23 @@ class Allowance:
         second = _whole_seconds(shown.reset_at - now) if shown is not None else 0
         memo = self.answers.get(result)
         if memo is not None and memo[0] == second:
-            return memo[1]
-        verdict = Verification(result, self.record, True, self.status(now))
-        self.answers[result] = (second, verdict)
+            verdict = memo[1]
+        else:
+            verdict = Verification(result, self.record, True, self.status(now))
+            self.answers[result] = (second, verdict)
         if result is VerifyResult.VALID:
             self.fast_verdict = verdict
             stale = shown.reset_at - second + 1 if shown is not None and second else math.inf
             self.fast_until = min(self.until, stale)
         return verdict
+
+    def next_period(self, now: float) -> None:
+        """Move to the schedule's period holding ``now``: its own units; the last one's are lost."""
+        skipped = min(self.periods_left, int((now - self.until) // self.period) + 1)
+        self.until += skipped * self.period
+        self.periods_left -= skipped
+        self.units = self.per_period
+        self.low_water = self.per_period // 8 if self.ahead and not self.periods_left else 0
 
 
 class Allowances:
@@ -204,6 +232,8 @@ class Allowances:
         allowance.leasing.add_done_callback(_ignore_failure)
 
     def _spend(self, allowance: Allowance, cost: int, now: float) -> Verification | None:
+        if now >= allowance.until and allowance.periods_left:
+            allowance.next_period(now)
         if allowance.units >= cost and now < allowance.until:
             allowance.units -= cost
             result = VerifyResult.VALID
@@ -232,19 +262,27 @@ class Allowances:
     async def _refill(self, allowance: Allowance, cost: int) -> None:
         try:
             now = self._clock()
-            want = allowance.sizer.want(now, cost)
-            result = await self._lease(allowance.counters, allowance.record, want, cost)
+            # Far from every limit, with the key's traffic known: a schedule of periods, each with
+            # more than the expected demand (see SCHEDULE).
+            ahead = allowance.ahead and allowance.sizer.valid_for > 0
+            want = allowance.sizer.want(now, cost, AHEAD_SHARE if ahead else LEASE_SHARE)
+            result = await self._lease(
+                allowance.counters, allowance.record, want, cost, SCHEDULE if ahead else 1
+            )
             allowance.sizer.leased(now, result.valid_ms / 1000)
             if result.granted:
                 allowance.units, allowance.until = result.granted, now + result.valid_ms / 1000
+                allowance.per_period, allowance.period = result.granted, result.period_ms / 1000
+                allowance.periods_left = result.periods - 1
                 allowance.refused_until = -math.inf
                 # Far from every limit (and without credits, which a dropped unit would lose for
-                # good): ask ahead once an eighth of the batch is left.
-                plentiful = allowance.record.credits is None and all(
+                # good): ask ahead once an eighth of the last period's units is left.
+                allowance.ahead = allowance.record.credits is None and all(
                     2 * remaining >= cap
                     for remaining, cap in zip(result.remaining, allowance.counters.caps, strict=True)
                 )
-                allowance.low_water = result.granted // 8 if plentiful else 0
+                ahead = allowance.ahead and not allowance.periods_left
+                allowance.low_water = result.granted // 8 if ahead else 0
             else:
                 allowance.refusal, allowance.refused_until = _refusal(result, cost, now)
                 allowance.room = _room(result)
@@ -274,7 +312,9 @@ class Allowances:
         lease = Lease(extra, result.valid_ms / 1000) if extra > 0 else None
         return Verification(VerifyResult.VALID, record, False, probe.status(now), lease)
 
-    async def _lease(self, counters: Counters, record: KeyRecord, want: int, need: int) -> LeaseResult:
+    async def _lease(
+        self, counters: Counters, record: KeyRecord, want: int, need: int, periods: int = 1
+    ) -> LeaseResult:
         return await self._store.lease(
             counters.names,
             counters.caps,
@@ -282,6 +322,7 @@ class Allowances:
             credit_key=record.id if counters.credits else None,
             want=want,
             need=need,
+            periods=periods,
         )
 
 

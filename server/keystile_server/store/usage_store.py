@@ -24,7 +24,7 @@ from .connections import GuardedPool, Query
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[TupleRow]
 
-_LEASE: Final = "SELECT * FROM keystile.lease_units(%s, %s, %s, %s, %s, %s)"
+_LEASE: Final = "SELECT * FROM keystile.lease_units(%s, %s, %s, %s, %s, %s, %s)"
 _POLICY_COLUMNS: Final = "owner_id, max_active_keys, max_key_lifetime_ms, shared_limits, update_time"
 _GET_POLICY: Final = f"SELECT {_POLICY_COLUMNS} FROM keystile.owner_policies WHERE owner_id = %s"
 _SET_POLICY: Final = f"""
@@ -90,6 +90,8 @@ class LeaseResult:
 
     granted: int
     valid_ms: int
+    periods: int
+    period_ms: int
     remaining: tuple[int, ...]
     reset_ms: tuple[int, ...]
     credits_left: int | None
@@ -159,8 +161,12 @@ class UsageStore:
         credit_key: str | None,
         want: int,
         need: int,
+        periods: int = 1,
     ) -> LeaseResult:
         """Lease up to ``want`` units (at least ``need``, or none) in one statement.
+
+        With ``periods`` above 1 a key far from its limits may get a schedule: that many units in
+        each of up to ``periods`` consecutive periods (``LeaseResult.periods``).
 
         Never retried: a lease that may have committed is spent (its units are lost, never
         granted twice).
@@ -172,6 +178,7 @@ class UsageStore:
             uuid.UUID(credit_key) if credit_key else None,
             want,
             need,
+            periods,
         )
 
         async def query(conn: Conn) -> LeaseResult:
@@ -181,10 +188,12 @@ class UsageStore:
             return LeaseResult(
                 granted=int(row[0]),
                 valid_ms=int(row[1]),
-                remaining=tuple(max(int(x), 0) for x in row[2] or ()),  # a lowered limit leaves < 0
-                reset_ms=tuple(int(x) for x in row[3] or ()),
-                credits_left=int(row[4]) if row[4] is not None else None,
-                credits_reset_ms=int(row[5]) if row[5] is not None else None,
+                periods=int(row[2]),
+                period_ms=int(row[3]),
+                remaining=tuple(max(int(x), 0) for x in row[4] or ()),  # a lowered limit leaves < 0
+                reset_ms=tuple(int(x) for x in row[5] or ()),
+                credits_left=int(row[6]) if row[6] is not None else None,
+                credits_reset_ms=int(row[7]) if row[7] is not None else None,
             )
 
         return await self._run("lease_units", query, read=False)
