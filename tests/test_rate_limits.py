@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
-from fix_server import RunningServer
+from fix_server import AioLoop, RunningServer
 
 import keystile
 from keystile.v1 import keys_pb2
@@ -202,3 +203,25 @@ def test_caching_client_spends_leases_from_memory(
     assert results.count(R.VERIFY_RESULT_VALID) == 500 or results.count(R.VERIFY_RESULT_VALID) >= 450
     assert results.count(R.VERIFY_RESULT_VALID) <= 500
     assert stats is not None and stats.hits > 500  # most answers came from memory
+
+
+def test_async_caching_client_honours_limits(server: RunningServer, aio: AioLoop, owner: str) -> None:
+    with server.client() as admin:
+        created = admin.create_key(owner, "svc", limits=[keystile.rate_limit("w", 300, 60)])
+
+    async def run() -> tuple[list[int], keystile.CacheStats | None]:
+        async with keystile.AsyncClient(server.address, cache=True) as caching:
+            await caching.verify_key(created.secret)  # starts the subscription
+            for _ in range(500):
+                stats = caching.cache_stats()
+                if stats is not None and stats.live:
+                    break
+                await asyncio.sleep(0.01)
+            results = [(await caching.verify_key(created.secret)).result for _ in range(500)]
+            return results, caching.cache_stats()
+
+    results, stats = aio.run(run())
+    valid = results.count(R.VERIFY_RESULT_VALID)
+    assert 250 <= valid <= 299  # 300 in all, the first call's included; leases stranded at most
+    assert results[-1] == R.VERIFY_RESULT_RATE_LIMITED
+    assert stats is not None and stats.hits > 300

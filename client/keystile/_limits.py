@@ -95,11 +95,16 @@ class LeaseSizer:
         unspent are lost to others; more than 1 far from every limit, where they are not missed
         and running short would cost another lease.
         """
-        elapsed = now - self.since
-        if self.valid_for <= 0 or elapsed <= 0:
+        rate = self.rate(now)
+        if not rate:
             return 2 * need  # nothing known yet: this request's units and one more, to learn
-        expected = math.ceil(self.demand / elapsed * self.valid_for * share)
+        expected = math.ceil(rate * self.valid_for * share)
         return min(max(expected, need), MAX_LEASE)
+
+    def rate(self, now: float) -> float:
+        """Units asked for per second since the last lease (0 before the first)."""
+        elapsed = now - self.since
+        return self.demand / elapsed if self.valid_for > 0 and elapsed > 0 else 0.0
 
     def leased(self, now: float, valid_for: float) -> None:
         """A lease was granted at ``now``, lasting ``valid_for`` seconds (0: refused)."""

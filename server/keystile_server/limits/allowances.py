@@ -75,6 +75,7 @@ class Allowance:
         "per_period",
         "period",
         "periods_left",
+        "plentiful",
         "record",
         "refusal",
         "refused_until",
@@ -100,8 +101,10 @@ class Allowance:
         self.leasing: asyncio.Future[None] | None = None
         self.low_water = 0
         """Below this many units, the next lease is asked for ahead (0: not ahead)."""
+        self.plentiful = False
+        """The last lease left every limit at least half free (and the key has no credits)."""
         self.ahead = False
-        """The last lease left every limit far from exhaustion: lease the next ahead of need."""
+        """Plentiful, and this process's demand far below every limit: lease ahead of need."""
         self.per_period = 0
         self.period = 0.0
         self.periods_left = 0
@@ -262,9 +265,15 @@ class Allowances:
     async def _refill(self, allowance: Allowance, cost: int) -> None:
         try:
             now = self._clock()
-            # Far from every limit, with the key's traffic known: a schedule of periods, each with
-            # more than the expected demand (see SCHEDULE).
-            ahead = allowance.ahead and allowance.sizer.valid_for > 0
+            # Far from every limit, and this process alone asking for under a quarter of each: a
+            # schedule of periods, each with more than the expected demand (see SCHEDULE). A
+            # process cannot see the others' demand, so its own must leave room for them.
+            rate = allowance.sizer.rate(now)
+            far = rate > 0 and all(
+                4 * rate * window_ms < 1000 * cap
+                for window_ms, cap in zip(allowance.counters.windows_ms, allowance.counters.caps, strict=True)
+            )
+            ahead = allowance.plentiful and far
             want = allowance.sizer.want(now, cost, AHEAD_SHARE if ahead else LEASE_SHARE)
             result = await self._lease(
                 allowance.counters, allowance.record, want, cost, SCHEDULE if ahead else 1
@@ -277,12 +286,14 @@ class Allowances:
                 allowance.refused_until = -math.inf
                 # Far from every limit (and without credits, which a dropped unit would lose for
                 # good): ask ahead once an eighth of the last period's units is left.
-                allowance.ahead = allowance.record.credits is None and all(
+                allowance.plentiful = allowance.record.credits is None and all(
                     2 * remaining >= cap
                     for remaining, cap in zip(result.remaining, allowance.counters.caps, strict=True)
                 )
-                ahead = allowance.ahead and not allowance.periods_left
-                allowance.low_water = result.granted // 8 if ahead else 0
+                allowance.ahead = allowance.plentiful and far
+                allowance.low_water = (
+                    result.granted // 8 if allowance.ahead and not allowance.periods_left else 0
+                )
             else:
                 allowance.refusal, allowance.refused_until = _refusal(result, cost, now)
                 allowance.room = _room(result)
