@@ -7,8 +7,9 @@ before any lookup.
 
 from __future__ import annotations
 
+from ._async_client import AsyncClient
 from ._cache import CacheStats
-from ._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, AsyncClient, Client, create_key_request
+from ._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Client, create_key_request
 from ._errors import (
     DeadlineExceededError,
     InternalError,

@@ -67,12 +67,16 @@ class CacheStats:
 
 
 class PendingVerdict(NamedTuple):
-    """A verdict to ask the server for, and the epoch it was asked under (rule 5: fencing)."""
+    """A verdict to ask the server for, and the epoch it was asked under (rule 5: fencing).
+
+    ``sent`` is when (this cache's clock) it was asked for: a lease's units last from then.
+    """
 
     secret_hash: bytes
     scopes: tuple[str, ...]
     resource: str
     epoch: int
+    sent: float = 0.0
 
 
 class VerdictCache:
@@ -133,18 +137,30 @@ class VerdictCache:
 
         The epoch is read here, before the caller's RPC: an event while the RPC runs fences it.
         """
-        pending = PendingVerdict(hash_key(key), tuple(required_scopes), resource, self.epoch)
+        pending = PendingVerdict(hash_key(key), tuple(required_scopes), resource, self.epoch, self._clock())
         return self.get(pending.secret_hash, pending.scopes, resource), pending
 
-    def store(
-        self, pending: PendingVerdict, response: keys_pb2.VerifyKeyResponse, sent: float | None = None
-    ) -> None:
-        """Keep the server's answer to ``pending``, unless anything changed since it was asked.
+    def answer(
+        self, key: str, required_scopes: Iterable[str], resource: str, cost: int
+    ) -> tuple[keys_pb2.VerifyKeyResponse | None, PendingVerdict, int]:
+        """The answer from memory, or None with what to ask the server.
 
-        ``sent`` is when (this cache's clock) the request left: a lease's units last from then.
+        That is the pending verdict (to ``store`` with the server's answer) and the
+        ``lease_units`` to send with it.
         """
+        cached, pending = self.lookup(key, required_scopes, resource)
+        if cached is not None:
+            if not cached.HasField("limit"):
+                return cached, pending, 0
+            spent = self.spend(pending.secret_hash, cost or 1)
+            if spent is not None:
+                return spent, pending, 0
+        return None, pending, self.lease_size(pending.secret_hash, cost or 1)
+
+    def store(self, pending: PendingVerdict, response: keys_pb2.VerifyKeyResponse) -> None:
+        """Keep the server's answer to ``pending``, unless anything changed since it was asked."""
         if response.HasField("limit"):
-            self._leased(pending, response, self._clock() if sent is None else sent)
+            self._leased(pending, response, pending.sent)
         self.put(pending.secret_hash, pending.scopes, pending.resource, response, pending.epoch)
 
     def spend(self, secret_hash: bytes, cost: int) -> keys_pb2.VerifyKeyResponse | None:

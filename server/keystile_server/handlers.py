@@ -27,8 +27,9 @@ from .limit_handlers import (
 )
 from .model import KeyRecord, KeyState, Verification, VerifyResult
 from .rpc_errors import abort_for, translate_errors
-from .service import KeySpec, RequestShape, utc_now
+from .service import KeySpec, utc_now
 from .verdicts import validated_cost
+from .verification import RequestShape
 from .wire import authorization, duration, parse_request, set_timestamp
 
 _STATES = {
@@ -243,21 +244,21 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
             key = key_only(request)
             digest = None
             if key is not None:
-                verdict = service.verify_cached(key)
+                verdict = service.verifier.verify_cached(key)
             else:
                 shape = self._shapes.get(digest := hash_key(request))
-                verdict = service.verify_shape(shape) if shape is not None else None
+                verdict = service.verifier.verify_shape(shape) if shape is not None else None
             if verdict is None:
                 parsed = parse_request(keys_pb2.VerifyKeyRequest, request)
                 scopes, resource = parsed.required_scopes, parsed.resource
                 cost = validated_cost(parsed.cost, parsed.lease_units)  # before any cached answer
                 if digest is not None and not parsed.lease_units:  # not tried above: more than a key
                     secret = parsed.key.encode()
-                    verdict = service.verify_cached(secret, scopes, resource, cost)
+                    verdict = service.verifier.verify_cached(secret, scopes, resource, cost)
                     if verdict is not None:  # the request is valid: remember its shape
                         self._remember(digest, secret, tuple(scopes), resource, cost)
                 if verdict is None:
-                    verdict = await service.verify_key(
+                    verdict = await service.verifier.verify_key(
                         parsed.key,
                         scopes,
                         resource,

@@ -1,22 +1,21 @@
-"""The key lifecycle: the domain decisions behind every RPC.
+"""The key lifecycle: the domain decisions behind every management RPC.
 
-``KeyService`` validates requests against the API contract, mints secrets, judges presented keys
-and shapes pages. It knows neither protobuf (the handlers translate) nor SQL (the store does).
+``KeyService`` authenticates callers, validates requests against the API contract, mints secrets
+and shapes pages; presented keys are judged by its ``verifier`` (``verification``). It knows
+neither protobuf (the handlers translate) nor SQL (the store does).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-import math
-import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
-from keystile._format import MAX_KEY_LENGTH, generate_key, hash_key, parse_key
+from keystile._format import generate_key, hash_key, parse_key
 
 from .auth import (
     KEYS_READ,
@@ -35,11 +34,11 @@ from .limits.credits import CreditBalances
 from .limits.policies import OwnerPolicies
 from .limits.rules import LimitSpec, check_credits, check_limits
 from .metrics import ServerMetrics
-from .model import CreditTerms, KeyPage, KeyRecord, NewKey, PageCursor, Verification, VerifyResult
+from .model import CreditTerms, KeyPage, KeyRecord, NewKey, PageCursor, VerifyResult
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
 from .store.usage_store import UsageStore
-from .usage import MIN_WRITE_INTERVAL, UsageRecorder
+from .usage import UsageRecorder
 from .validation import (
     Violations,
     check_key_id,
@@ -52,17 +51,7 @@ from .validation import (
     check_resources,
     check_scopes,
 )
-from .verdicts import (
-    MALFORMED,
-    MAX_COST,
-    MAX_VERDICTS_PER_KEY,
-    NOT_FOUND,
-    Memo,
-    holds_until,
-    judge,
-    validated_cost,
-    validated_requirements,
-)
+from .verification import Verifier
 from .watch import KeyEventHub, Subscription
 
 BEARER = "bearer "
@@ -97,21 +86,6 @@ class KeySpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     limits: Sequence[LimitSpec] = ()
     credits: CreditTerms | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class RequestShape:
-    """What a VerifyKey request asked, remembered by the transport under the request's digest.
-
-    Services send the same few requests again and again (one key, the same scopes): a request
-    seen before is answered from its shape without being parsed. Its fields passed validation.
-    """
-
-    secret_hash: bytes
-    scopes: tuple[str, ...]
-    resource: str
-    cost: int
-    memo_key: object
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +130,15 @@ class KeyService:
         self.policies = OwnerPolicies(usage_store, self.authenticate)
         self.credits = CreditBalances(usage_store, self.authenticate, self._key_exists)
         self.verify_auth_required = verify_auth == "required"
+        self.verifier = Verifier(
+            cache,
+            usage,
+            self.allowances,
+            metrics,
+            verify_auth_required=self.verify_auth_required,
+            authenticate=self.authenticate,
+        )
+        """VerifyKey's domain, and the lookup behind every caller's authentication."""
         self.max_staleness = max_staleness
         # Kept only as a digest: compared in constant time, and never printable from this object.
         self._static_admin_digest = hash_key(static_admin_key) if static_admin_key else None
@@ -171,7 +154,7 @@ class KeyService:
             hash_key(secret), self._static_admin_digest
         ):
             return Caller(key_id=STATIC_ADMIN_ID, owner_id="", scopes=("admin",))
-        verdict = await self._lookup(secret, (), "")
+        verdict = await self.verifier.lookup(secret, (), "")
         if verdict.result is VerifyResult.VALID:
             assert verdict.key is not None
             key = verdict.key
@@ -336,42 +319,6 @@ class KeyService:
         _log.info("key revoked id=%s owner=%s by=%s", record.id, record.owner_id, caller.key_id)
         return record
 
-    async def verify_key(
-        self,
-        secret: str,
-        required_scopes: Sequence[str],
-        resource: str,
-        *,
-        cost: int = 1,
-        lease_units: int = 0,
-        authorization: str = "",
-    ) -> Verification:
-        """Judge a presented secret: format, existence, revoked, expired, scopes, resource, limits.
-
-        With ``--verify-auth open`` the presented key is its own credential; with ``required``
-        the caller must also hold ``keys:verify``, and once it does, a cached key is answered as
-        ``verify_cached`` answers it. A malformed secret costs no query. A VALID key with limits
-        or credits spends ``cost`` units (``limits.allowances``), and ``lease_units`` asks for
-        more to hand to a caching client.
-        """
-        cost = validated_cost(cost, lease_units)
-        if self.verify_auth_required:
-            require_scope(await self.authenticate(authorization), KEYS_VERIFY)
-            if not lease_units:
-                cached = self.verify_cached(
-                    secret.encode(), required_scopes, resource, cost, caller_authorized=True
-                )
-                if cached is not None:
-                    return cached
-        verdict = await self._lookup(secret, required_scopes, resource)
-        record = verdict.key
-        if verdict.result is VerifyResult.VALID and record is not None and record.limited:
-            if lease_units:
-                return await self._allowances.lease_for_client(record, cost, lease_units)
-            return await self._allowances.admit(record, cost)
-        self._verdicts[verdict.result].inc()
-        return verdict
-
     async def watch_key_events(
         self, heartbeat_interval: timedelta | None, *, authorization: str = ""
     ) -> tuple[Subscription, timedelta]:
@@ -394,144 +341,6 @@ class KeyService:
         require_scope(caller, KEYS_VERIFY)
         expires = caller.expire_time.timestamp() if caller.expire_time is not None else None
         return self._events.subscribe(credential=caller.key_hash, credential_expires=expires), interval
-
-    def verify_cached(
-        self,
-        secret: bytes,
-        required_scopes: Sequence[str] = (),
-        resource: str = "",
-        cost: int = 1,
-        *,
-        caller_authorized: bool = False,
-    ) -> Verification | None:
-        """``verify_key`` for a key the cache holds, without suspending; None when that cannot be.
-
-        ``secret`` is the key's UTF-8 encoding, as it arrives on the wire. The common case is kept
-        to a hash, the cache's lookup and one on the entry's memo, and a clock read: a verdict
-        already judged for the cached snapshot, scopes and resource is reused while it holds (see
-        ``_verdict_for``). Measured on the real server, each further call on this path showed up
-        in calls/s. A key the key filter has certainly never seen is answered here as well
-        (NOT_FOUND, or MALFORMED). None (use ``verify_key``) when the key is not cached, or when
-        ``--verify-auth required`` and only ``verify_key``, having checked the caller, may pass
-        ``caller_authorized``.
-        """
-        if (self.verify_auth_required and not caller_authorized) or len(secret) > MAX_KEY_LENGTH:
-            return None
-        memo_key = (tuple(required_scopes), resource) if required_scopes or resource else None
-        return self._cached(hash_key(secret), memo_key, required_scopes, resource, cost, secret)
-
-    def verify_shape(self, shape: RequestShape) -> Verification | None:
-        """``verify_cached`` for a request seen before, by what it asked (``RequestShape``)."""
-        if self.verify_auth_required:
-            return None
-        return self._cached(shape.secret_hash, shape.memo_key, shape.scopes, shape.resource, shape.cost, None)
-
-    def _cached(
-        self,
-        secret_hash: bytes,
-        memo_key: object,
-        required_scopes: Sequence[str],
-        resource: str,
-        cost: int,
-        secret: bytes | None,
-    ) -> Verification | None:
-        entry = self._cache.peek(secret_hash)
-        if entry is None:
-            # A key the filter has never seen is answered here too: a flood of unknown keys
-            # then costs what cache hits cost, not a coroutine and a full parse each.
-            if secret is None or not self._cache.certainly_unknown(secret_hash):
-                return None
-            return self._unknown(secret, required_scopes, resource)
-        record = entry.record
-        if record is None:  # a remembered unknown key
-            validated_requirements(required_scopes, resource)  # still, bad scopes make a bad request
-            self._verdicts[VerifyResult.NOT_FOUND].inc()
-            return NOT_FOUND
-        now = time.time()
-        memo: Memo | None = entry.verdicts.get(memo_key)
-        if memo is not None and now < memo.until:
-            if now >= memo.next_use:  # a use is worth noting at most once a minute (usage.py)
-                memo.next_use = now + MIN_WRITE_INTERVAL
-                self._usage.record(record.id, now)
-            if memo.limited:  # None: no units in memory, lease on the full path
-                units = cost if 0 < cost <= MAX_COST else validated_cost(cost)
-                return self._allowances.spend(record, units, time.monotonic())
-            memo.counter.inc()
-            return memo.verdict
-        # Validated here, before anything is stored: a memo hit then needs no validation.
-        required = validated_requirements(required_scopes, resource)
-        verdict = self._verdict_for(record, required, resource, now, entry.verdicts, memo_key)
-        if verdict.result is VerifyResult.VALID and record.limited:
-            return self._allowances.spend(record, validated_cost(cost), time.monotonic())
-        self._verdicts[verdict.result].inc()
-        return verdict
-
-    def _unknown(self, secret: bytes, required_scopes: Sequence[str], resource: str) -> Verification | None:
-        """The verdict on a key no stored key hashes to: MALFORMED or NOT_FOUND, format first."""
-        try:
-            text = secret.decode()
-        except UnicodeDecodeError:
-            return None  # the full path refuses the request as unparsable
-        validated_requirements(required_scopes, resource)  # bad scopes are a bad request, whatever the key
-        verdict = MALFORMED if parse_key(text) is None else NOT_FOUND
-        self._verdicts[verdict.result].inc()
-        return verdict
-
-    async def _lookup(self, secret: str, required_scopes: Sequence[str], resource: str) -> Verification:
-        """The one full verification path, shared by VerifyKey and caller authentication.
-
-        Ordered for the common case: a cached key skips the format check, because only
-        well-formed secrets (ours) ever reach the cache. Anything else is checked for format
-        before any query, so malformed keys cost no database work.
-        """
-        required = validated_requirements(required_scopes, resource)  # bad input is refused before any lookup
-        if len(secret) > MAX_KEY_LENGTH:  # refuse before hashing: no paying for megabyte "keys"
-            return MALFORMED
-        secret_hash = hash_key(secret)
-        entry = self._cache.peek(secret_hash)
-        if entry is not None:
-            record = entry.record
-        elif parse_key(secret) is None:
-            return MALFORMED
-        else:
-            record = await self._cache.load(secret_hash)
-        return self._verdict_for(record, required, resource, time.time())
-
-    def _verdict_for(
-        self,
-        record: KeyRecord | None,
-        required: Sequence[str],
-        resource: str,
-        now: float,
-        memos: dict[object, Any] | None = None,
-        memo_key: object = None,
-    ) -> Verification:
-        """Judge a snapshot at ``now`` (POSIX seconds) and, given its entry's ``memos``, memoize the verdict.
-
-        ``required`` and ``resource`` have passed validation. Only cached snapshots are memoized
-        (``verify_cached`` passes their entry's ``memos``): a snapshot loaded without being cached
-        is never seen again. The memo lives on the cache entry, keyed by the scopes and resource
-        as presented (None for neither), so it is dropped with the entry; and each verdict holds
-        only until ``holds_until``.
-        """
-        if record is None:
-            return NOT_FOUND
-        result = judge(record, required, resource, _utc(now))
-        verdict = Verification(result, record, memos is not None)
-        valid = result is VerifyResult.VALID
-        if valid:
-            self._usage.record(record.id, now)
-        if memos is not None:
-            if len(memos) >= MAX_VERDICTS_PER_KEY:  # callers varying scopes without end
-                memos.clear()
-            memos[memo_key] = Memo(
-                verdict,
-                holds_until(record, result),
-                self._verdicts[result],
-                now + MIN_WRITE_INTERVAL if valid else math.inf,
-                valid and record.limited,
-            )
-        return verdict
 
 
 _AUTH_FAILURES = {

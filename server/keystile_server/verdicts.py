@@ -2,7 +2,7 @@
 
 ``judge`` applies the checks in the contract's order (revoked, expired, scopes, resource);
 ``holds_until`` says until when a verdict stays true for the same snapshot, which is what lets
-``KeyService.verify_cached`` memoize verdicts (``Memo``) on cache entries. Both read only the
+``Verifier.verify_cached`` memoize verdicts (``Memo``) on cache entries. Both read only the
 snapshot and the clock: no I/O, no protobuf.
 """
 
