@@ -235,3 +235,18 @@ def test_an_unparsable_verify_request_is_invalid_argument(server: Any, wire: byt
     assert any(detail.Unpack(info) for detail in status.details)
     assert info.reason == "INVALID_ARGUMENT" and info.domain == "keystile.dev"
     assert "DecodeError" not in error.details() and "parsing" not in error.details()  # type: ignore[attr-defined]
+
+
+def test_repeated_requests_follow_every_change(client: keystile.Client, owner: str) -> None:
+    """A request seen before is answered by its remembered shape: it must still see revocation,
+    and a bad request never becomes a remembered one."""
+    created = client.create_key(owner, "svc", scopes=["jobs:read"], resources=["r1"])
+    for _ in range(3):
+        assert _verify(client, created.secret, "jobs:read", resource="r1").result == R.VERIFY_RESULT_VALID
+        assert _verify(client, created.secret, "jobs:write").result == R.VERIFY_RESULT_INSUFFICIENT_SCOPE
+        with pytest.raises(keystile.InvalidArgumentError):
+            _verify(client, created.secret, "Not A Scope")
+        with pytest.raises(keystile.InvalidArgumentError):
+            client.verify_key(created.secret, cost=5000)
+    client.revoke_key(created.key.id)
+    assert _verify(client, created.secret, "jobs:read", resource="r1").result == R.VERIFY_RESULT_REVOKED

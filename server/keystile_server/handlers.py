@@ -7,6 +7,7 @@ domain's, and every error leaves through ``rpc_errors``.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from hashlib import sha256
 from typing import Any, Final
 
 import grpc
@@ -246,7 +247,7 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
             if key is not None:
                 verdict = service.verifier.verify_cached(key)
             else:
-                shape = self._shapes.get(digest := hash_key(request))
+                shape = self._shapes.get(digest := sha256(request).digest())
                 verdict = service.verifier.verify_shape(shape) if shape is not None else None
             if verdict is None:
                 parsed = parse_request(keys_pb2.VerifyKeyRequest, request)
