@@ -28,7 +28,18 @@ from hypothesis import strategies as st
 from keystile.v1 import keys_pb2
 
 SERVICE = "/keystile.v1.KeyService/"
-UNARY = ("CreateKey", "GetKey", "ListKeys", "RevokeKey", "VerifyKey")
+UNARY = (
+    "CreateKey",
+    "GetKey",
+    "ListKeys",
+    "RevokeKey",
+    "VerifyKey",
+    "SetOwnerPolicy",
+    "GetOwnerPolicy",
+    "DeleteOwnerPolicy",
+    "GetCredits",
+    "UpdateCredits",
+)
 FORBIDDEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 FUZZ = settings(
     # make chaos raises this to fuzz at scale (22,500 each); the suite runs a few hundred.
@@ -87,6 +98,30 @@ def _set_value(target: struct_pb2.Value, value: Any) -> None:
         target.struct_value.CopyFrom(_struct(value))
 
 
+uint64 = st.integers(0, 2**64 - 1)
+uint32 = st.integers(0, 2**32 - 1)
+rate_limits = st.lists(
+    st.builds(
+        lambda n, lim, w, b: keys_pb2.RateLimit(name=n, limit=lim, window=w, burst=b),
+        st.one_of(text, st.sampled_from(["w", "per_minute", "credits"])),
+        uint64,
+        st.one_of(
+            durations,
+            st.just(duration_pb2.Duration(seconds=1)),
+            st.just(duration_pb2.Duration(seconds=86400)),
+        ),
+        uint64,
+    ),
+    max_size=10,
+)
+credit_messages = st.builds(
+    lambda r, a, f: keys_pb2.Credits(remaining=r, refill_amount=a, refill=f),
+    uint64,
+    uint64,
+    st.integers(0, 9),
+)
+
+
 @st.composite
 def create_requests(draw: st.DrawFn) -> keys_pb2.CreateKeyRequest:
     request = keys_pb2.CreateKeyRequest(
@@ -97,7 +132,10 @@ def create_requests(draw: st.DrawFn) -> keys_pb2.CreateKeyRequest:
         prefix=draw(text),
         rate_limit_per_minute=draw(st.integers(0, 2**32 - 1)),
         metadata=_struct(draw(st.dictionaries(text, json_values, max_size=4))),
+        limits=draw(rate_limits),
     )
+    if draw(st.booleans()):
+        request.credits.CopyFrom(draw(credit_messages))
     expiry = draw(st.sampled_from(["none", "ttl", "expire_time"]))
     if expiry == "ttl":
         request.ttl.CopyFrom(draw(durations))
@@ -127,10 +165,46 @@ typed_requests = st.one_of(
     st.tuples(
         st.just("VerifyKey"),
         st.builds(
-            lambda k, s, r: keys_pb2.VerifyKeyRequest(key=k, required_scopes=s, resource=r),
+            lambda k, s, r, c, n: keys_pb2.VerifyKeyRequest(
+                key=k, required_scopes=s, resource=r, cost=c, lease_units=n
+            ),
             text,
             st.lists(text, max_size=3),
             text,
+            uint32,
+            uint32,
+        ),
+    ),
+    st.tuples(
+        st.just("SetOwnerPolicy"),
+        st.builds(
+            lambda o, m, lt, lim: keys_pb2.SetOwnerPolicyRequest(
+                policy=keys_pb2.OwnerPolicy(owner_id=o, max_active_keys=m, max_key_lifetime=lt, limits=lim)
+            ),
+            st.one_of(text, st.just("fuzz-owner")),
+            uint32,
+            durations,
+            rate_limits,
+        ),
+    ),
+    st.tuples(
+        st.just("GetOwnerPolicy"), st.builds(lambda o: keys_pb2.GetOwnerPolicyRequest(owner_id=o), text)
+    ),
+    st.tuples(
+        st.just("DeleteOwnerPolicy"), st.builds(lambda o: keys_pb2.DeleteOwnerPolicyRequest(owner_id=o), text)
+    ),
+    st.tuples(st.just("GetCredits"), st.builds(lambda i: keys_pb2.GetCreditsRequest(id=i), text)),
+    st.tuples(
+        st.just("UpdateCredits"),
+        st.builds(
+            lambda i, v, add: (
+                keys_pb2.UpdateCreditsRequest(id=i, add=v)
+                if add
+                else keys_pb2.UpdateCreditsRequest(id=i, set=v)
+            ),
+            text,
+            uint64,
+            st.booleans(),
         ),
     ),
     st.tuples(

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import pytest
+from fix_db import Db
 from fix_server import AioLoop, RunningServer
 
 import keystile
@@ -225,3 +226,17 @@ def test_async_caching_client_honours_limits(server: RunningServer, aio: AioLoop
     assert 250 <= valid <= 299  # 300 in all, the first call's included; leases stranded at most
     assert results[-1] == R.VERIFY_RESULT_RATE_LIMITED
     assert stats is not None and stats.hits > 300
+
+
+def test_credits_refill_when_a_new_period_begins(client: keystile.Client, owner: str, db: Db) -> None:
+    created = client.create_key(owner, "svc", credits=keystile.credits(0, refill="daily", refill_amount=5))
+    # As if the balance was last refilled yesterday: the first lease of today refills it.
+    db.execute(
+        "UPDATE keystile.key_credits SET refilled_at = now() - interval '1 day' WHERE key_id = %s",
+        (created.key.id,),
+    )
+    assert client.get_credits(created.key.id).remaining == 5  # read as refilled, before any lease
+    results = [client.verify_key(created.secret).result for _ in range(8)]
+    assert results.count(R.VERIFY_RESULT_VALID) == 5
+    assert results[-1] == R.VERIFY_RESULT_USAGE_EXCEEDED
+    assert client.get_credits(created.key.id).remaining == 0

@@ -21,6 +21,7 @@ from .rules import LimitSpec, check_limits
 
 Authenticate = Callable[[str], Awaitable[Caller]]
 MAX_KEY_LIFETIME: timedelta = timedelta(days=3650)
+MAX_ACTIVE_KEYS = 1_000_000_000
 
 _log = logging.getLogger(__name__)
 
@@ -51,6 +52,8 @@ class OwnerPolicies:
         _require_admin(caller)
         errors = Violations()
         check_owner_id(owner_id, errors, "policy.owner_id")
+        if max_active_keys > MAX_ACTIVE_KEYS:
+            errors.add("policy.max_active_keys", f"must be at most {MAX_ACTIVE_KEYS}")
         if max_key_lifetime is not None and not timedelta(0) < max_key_lifetime <= MAX_KEY_LIFETIME:
             errors.add("policy.max_key_lifetime", "must be positive and at most 3650 days")
         checked = check_limits(limits, errors, field="policy.limits")
