@@ -47,7 +47,7 @@ AHEAD_SHARE: Final = 1.5
 """A schedule's units per period, as a share of the expected demand: running short mid-schedule
 would cost a lease (and drop the rest of the schedule), while leftovers are not missed."""
 MAX_ALLOWANCES: Final = 100_000
-"""Keys whose allowances one process keeps; the least recently used are dropped beyond."""
+"""Keys whose allowances one process keeps; beyond, the oldest is dropped (its units are lost)."""
 
 
 class _Counter:
