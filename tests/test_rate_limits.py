@@ -240,3 +240,51 @@ def test_credits_refill_when_a_new_period_begins(client: keystile.Client, owner:
     assert results.count(R.VERIFY_RESULT_VALID) == 5
     assert results[-1] == R.VERIFY_RESULT_USAGE_EXCEEDED
     assert client.get_credits(created.key.id).remaining == 0
+
+
+def test_lease_units_are_capped(client: keystile.Client, owner: str) -> None:
+    secret = client.create_key(owner, "svc", limits=[keystile.rate_limit("w", 10, 60)]).secret
+    with pytest.raises(keystile.InvalidArgumentError) as err:
+        client._verify(secret, (), "", None, 0, 10_001)
+    assert "lease_units" in err.value.field_violations
+
+
+def test_one_process_holds_units_for_a_bounded_number_of_keys() -> None:
+    from datetime import UTC, datetime
+
+    from keystile_server.limits.allowances import Allowances
+    from keystile_server.metrics import ServerMetrics
+    from keystile_server.model import KeyRecord, RateLimit
+
+    allowances = Allowances(None, metrics=ServerMetrics(), max_keys=2)  # type: ignore[arg-type]
+    for i in range(3):
+        record = KeyRecord(
+            id=f"00000000-0000-4000-8000-00000000000{i}",
+            owner_id="o",
+            name="n",
+            prefix="ks",
+            secret_hint="ks_x",
+            scopes=(),
+            resources=(),
+            metadata={},
+            rate_limit_per_minute=0,
+            create_time=datetime.now(UTC),
+            expire_time=None,
+            revoke_time=None,
+            revoke_reason=None,
+            last_used_time=None,
+            created_by=None,
+            secret_hash=bytes([i]) * 32,
+            limits=(RateLimit("w", 10, 1000),),
+        )
+        allowances._allowance(record)
+    assert len(allowances) == 2
+
+
+def test_remembered_request_shapes_are_capped() -> None:
+    from keystile_server import handlers
+
+    servicer = handlers.KeyServiceHandlers()
+    for i in range(handlers._MAX_MEMO + 10):
+        servicer._remember(i.to_bytes(32, "big"), b"ks_x", ("a:b",), "", 1)
+    assert len(servicer._shapes) <= handlers._MAX_MEMO
