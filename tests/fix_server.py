@@ -65,7 +65,10 @@ class AioLoop:
             out.write("loop thread:\n" + "".join(traceback.format_stack(frame)))
         for task in list(asyncio.all_tasks(self.loop)):
             out.write(f"\n{task!r}\n")
-            task.print_stack(limit=20, file=out)
+            try:
+                task.print_stack(limit=20, file=out)
+            except Exception as exc:  # a frame of compiled code (grpc's Cython) has no line number
+                out.write(f"  (stack not printable: {exc!r})\n")
         return out.getvalue()
 
     def close(self) -> None:

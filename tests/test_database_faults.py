@@ -335,3 +335,27 @@ def test_leased_units_are_spent_then_unavailable_while_the_database_is_down(
     assert outcomes[-1] == "UNAVAILABLE"
     assert outcomes == sorted(outcomes, key=lambda o: o != "VERIFY_RESULT_VALID")
     running.stop()
+
+
+def test_a_shutdown_is_not_swallowed_while_a_severed_statement_is_collected(aio: AioLoop) -> None:
+    """Cancelling a task that is collecting a severed statement cancels it; it does not run on."""
+    from keystile_server.store.connections import _collect
+
+    async def scenario() -> bool:
+        never: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+        async def loop_like_the_health_check() -> None:
+            while True:  # only a cancellation ends this
+                await _collect(never)
+
+        task = asyncio.ensure_future(loop_like_the_health_check())
+        await asyncio.sleep(0.05)
+        task.cancel()
+        try:
+            async with asyncio.timeout(2):
+                await task
+        except asyncio.CancelledError:
+            return never.cancelled()
+        return False
+
+    assert aio.run(scenario())

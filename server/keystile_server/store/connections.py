@@ -280,10 +280,21 @@ async def _ping(conn: Connection) -> None:
 
 
 async def _collect(task: asyncio.Future[Any]) -> None:
-    """Wait (briefly) for a severed statement to fail, and swallow its error."""
-    with contextlib.suppress(BaseException):
-        async with asyncio.timeout(_SEVERED_WAIT):
-            await asyncio.shield(task)
+    """Wait (briefly) for a severed statement to fail, and swallow its error.
+
+    Only its error: a cancellation of the caller (a shutdown) goes on up. Swallowed, it left
+    the health loop probing on after stop() had cancelled it, and stop() waiting for it.
+    """
+    try:
+        with contextlib.suppress(Exception):  # the statement's own failure, or the wait's timeout
+            async with asyncio.timeout(_SEVERED_WAIT):
+                await asyncio.shield(task)
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            if not task.done():
+                task.cancel()
+            raise
     if not task.done():
         task.cancel()
     elif not task.cancelled():
