@@ -22,10 +22,12 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from keystile.v1 import keys_pb2
 
+from . import ext_authz
 from .cache import VerificationCache
 from .connection_limits import FileDescriptorWatch, grpc_server_options, raise_open_file_limit
 from .database_health import DatabaseHealth
 from .embedded import EmbeddedPostgres
+from .gateway import GatewayConfig
 from .handlers import KeyServiceHandlers, add_to_server
 from .key_filter import KeyFilter
 from .metrics import ServerMetrics
@@ -46,6 +48,16 @@ KEY_SERVICE_NAME: Final = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].ful
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
+
+
+def gateway_config(settings: Settings) -> GatewayConfig:
+    """What gateways' requests are read for, from the ``--auth-*`` settings."""
+    return GatewayConfig(
+        key_headers=settings.auth_key_headers,
+        key_query=settings.auth_key_query,
+        header_prefix=settings.auth_header_prefix,
+        strip_credential=settings.auth_strip_credential,
+    )
 
 
 def build_cache(
@@ -173,9 +185,10 @@ class KeystileServer:
         raise_open_file_limit()
         server = grpc.aio.server(options=grpc_server_options(self.settings, reuse_port=self._reuse_port))
         add_to_server(self._handlers, server)
+        ext_authz.add_to_server(self._handlers, server, gateway_config(self.settings))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection(
-            [KEY_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+            [KEY_SERVICE_NAME, ext_authz.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
         )
         for name in ("", KEY_SERVICE_NAME):
             await self._health.set(name, _NOT_SERVING)

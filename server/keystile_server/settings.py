@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import stat
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -119,6 +120,23 @@ def _on_off(text: str) -> bool:
     if text.lower() not in {"on", "off", "true", "false", "1", "0"}:
         raise ValueError("must be on or off")
     return text.lower() in {"on", "true", "1"}
+
+
+_HEADER_NAME: Final = re.compile(r"\A[a-z0-9][a-z0-9-]*\Z")
+
+
+def _header_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip().lower() for name in text.split(",") if name.strip())
+    if not names or not all(_HEADER_NAME.match(name) for name in names):
+        raise ValueError("must be comma-separated header names")
+    return names
+
+
+def _header_prefix(text: str) -> str:
+    prefix = text.strip().lower()
+    if not re.match(r"\A[a-z0-9][a-z0-9-]*\Z", prefix):
+        raise ValueError("must be a header name prefix such as x-keystile-")
+    return prefix
 
 
 def _log_level(text: str) -> str:
@@ -278,6 +296,34 @@ OPTIONS: Final = (
     Option("tls_cert", Path, None, "PEM certificate chain: serve TLS", "FILE"),
     Option("tls_key", Path, None, "PEM private key for --tls-cert", "FILE"),
     Option("tls_client_ca", Path, None, "PEM CA bundle: require client certificates (mTLS)", "FILE"),
+    Option(
+        "auth_key_headers",
+        _header_names,
+        ("authorization", "x-api-key"),
+        "gateways (Envoy ext_authz): headers that may carry the key, in order; authorization as Bearer",
+        "NAMES",
+    ),
+    Option(
+        "auth_key_query",
+        str,
+        "",
+        "gateways: a query parameter that may carry the key (off when empty)",
+        "NAME",
+    ),
+    Option(
+        "auth_header_prefix",
+        _header_prefix,
+        "x-keystile-",
+        "gateways: prefix of the key-id, owner-id and scopes headers sent to the upstream",
+        "PREFIX",
+    ),
+    Option(
+        "auth_strip_credential",
+        _on_off,
+        True,
+        "gateways: remove the header that carried the key before the request goes upstream",
+        "on|off",
+    ),
 )
 
 
@@ -317,6 +363,10 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    auth_key_headers: tuple[str, ...] = ("authorization", "x-api-key")
+    auth_key_query: str = ""
+    auth_header_prefix: str = "x-keystile-"
+    auth_strip_credential: bool = True
 
     def __post_init__(self) -> None:
         if self.pool_min_size > self.pool_max_size:

@@ -1,0 +1,105 @@
+"""Envoy external authorization: ``envoy.service.auth.v3.Authorization/Check`` on the gRPC port.
+
+A thin surface: it reads the key, the route's ``keystile.scopes`` (comma-separated) and
+``keystile.resource`` from the CheckRequest's ``context_extensions``, asks ``gateway.decide``
+(the same verification, cache and limits as VerifyKey), and writes the answer as a
+CheckResponse: OK with headers for the upstream, the credential removed and the key's facts as
+dynamic metadata (namespace ``keystile``), or a denial with its status, headers and JSON body.
+A database that cannot be reached, or a route whose scopes are invalid, is a gRPC error, so that
+Envoy's ``failure_mode_allow`` and ``status_on_error`` decide (docs/GATEWAYS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
+from google.rpc import code_pb2, status_pb2
+
+from .gateway import GatewayConfig, HttpAnswer, decide, find_key, split_scopes
+from .handlers import KeyServiceHandlers
+from .rpc_errors import abort_for
+from .wire import authorization
+
+SCOPES: Final = "keystile.scopes"
+RESOURCE: Final = "keystile.resource"
+METADATA_NAMESPACE: Final = "keystile"
+SERVICE_NAME: Final = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+_DENIED_CODES: Final = {403: code_pb2.PERMISSION_DENIED, 429: code_pb2.RESOURCE_EXHAUSTED}
+
+
+def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
+    return base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+    )
+
+
+def check_response(answer: HttpAnswer) -> external_auth_pb2.CheckResponse:
+    """An HttpAnswer as Envoy's CheckResponse."""
+    metadata = struct_pb2.Struct()
+    metadata.update({METADATA_NAMESPACE: answer.facts})
+    if answer.allowed:
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.OK),
+            ok_response=external_auth_pb2.OkHttpResponse(
+                headers=[_header(k, v) for k, v in answer.upstream_headers.items()],
+                headers_to_remove=list(answer.remove_headers),
+                response_headers_to_add=[_header(k, v) for k, v in answer.client_headers.items()],
+            ),
+            dynamic_metadata=metadata,
+        )
+    return external_auth_pb2.CheckResponse(
+        status=status_pb2.Status(code=_DENIED_CODES.get(answer.status, code_pb2.UNAUTHENTICATED)),
+        denied_response=external_auth_pb2.DeniedHttpResponse(
+            status=http_status_pb2.HttpStatus(code=answer.status),
+            headers=[_header(k, v) for k, v in answer.client_headers.items()],
+            body=answer.body.decode(),
+        ),
+        dynamic_metadata=metadata,
+    )
+
+
+class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
+    """The Authorization servicer, over the same domain service as KeyService."""
+
+    def __init__(self, handlers: KeyServiceHandlers, config: GatewayConfig) -> None:
+        self._handlers = handlers
+        self._config = config
+
+    async def Check(  # noqa: N802  # the generated method's name
+        self,
+        request: external_auth_pb2.CheckRequest,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> external_auth_pb2.CheckResponse:
+        """Allow or deny one HTTP request Envoy is about to route."""
+        try:
+            service = self._handlers._service()
+            http = request.attributes.request.http
+            headers: Mapping[str, str] = http.headers
+            query = http.path.partition("?")[2] if http.query == "" else http.query
+            key, credential = find_key(headers, query, self._config)
+            extensions = request.attributes.context_extensions
+            answer = await decide(
+                service.verifier,
+                key,
+                split_scopes(extensions.get(SCOPES, "")),
+                extensions.get(RESOURCE, ""),
+                self._config,
+                credential_header=credential,
+                authorization=authorization(context) if service.verify_auth_required else "",
+            )
+            return check_response(answer)
+        except Exception as exc:  # abort_for maps every error, unknown ones to INTERNAL
+            await abort_for("Check", exc, context)
+            raise  # not reached: abort_for always aborts
+
+
+def add_to_server(handlers: KeyServiceHandlers, server: grpc.aio.Server, config: GatewayConfig) -> None:
+    """Serve Envoy's Authorization service beside KeyService."""
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorization(handlers, config), server)
