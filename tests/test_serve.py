@@ -266,3 +266,21 @@ def test_serve_logs_why_the_database_is_not_ready(tmp_path: Path) -> None:
     line = next(line for line in log.splitlines() if "database not ready" in line)
     assert "Connection refused" in line and "127.0.0.1" in line
     assert "hunter2" not in log and "Traceback" not in log
+
+
+def test_version() -> None:
+    done = subprocess.run([str(BIN / "keystile"), "--version"], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0 and done.stdout.strip() == f"keystile {keystile.__version__}"
+    assert keystile.__version__ != "0+unknown"
+
+
+def test_the_client_reads_target_and_key_from_the_environment(
+    served: ServeProcess, owner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KEYSTILE_TARGET", served.address)
+    monkeypatch.setenv("KEYSTILE_API_KEY", ADMIN_KEY)
+    with keystile.Client() as client:  # as in the README: neither target nor key given
+        created = client.create_key(owner, "from the environment")
+        assert client.verify_key(created.secret).result == keystile.VerifyResult.Value("VERIFY_RESULT_VALID")
+    with keystile.Client(api_key="") as anonymous, pytest.raises(keystile.UnauthenticatedError):
+        anonymous.list_keys(owner)  # "" means no key, whatever the environment says

@@ -7,6 +7,8 @@ before any lookup.
 
 from __future__ import annotations
 
+from importlib import metadata as _metadata
+
 from ._async_client import AsyncClient
 from ._cache import CacheStats
 from ._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Client, create_key_request
@@ -23,6 +25,11 @@ from ._errors import (
 from ._format import KEY_PATTERN, generate_key, hash_key, is_well_formed, parse_key
 from ._limits import credits, owner_policy, rate_limit
 from .v1.keys_pb2 import Key, KeyState, VerifyResult
+
+try:
+    __version__ = _metadata.version("keystile")
+except _metadata.PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "DEFAULT_TARGET",

@@ -21,7 +21,6 @@ from ._client import (
     _WATCH_REQUEST,
     DEFAULT_CACHE_ENTRIES,
     DEFAULT_MAX_STALENESS,
-    DEFAULT_TARGET,
     DEFAULT_TIMEOUT,
     WATCH_HEARTBEAT,
     CreateKeyOptions,
@@ -32,6 +31,8 @@ from ._client import (
     _wants_tls,
     channel_credentials,
     create_key_request,
+    resolve_api_key,
+    resolve_target,
     verify_request,
 )
 from ._errors import from_rpc_error
@@ -47,7 +48,7 @@ class AsyncClient:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | None = None,
         *,
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -60,6 +61,7 @@ class AsyncClient:
         cache_max_entries: int = DEFAULT_CACHE_ENTRIES,
         max_staleness: float = DEFAULT_MAX_STALENESS,
     ) -> None:
+        target = resolve_target(target)
         if channel is None:
             if _wants_tls(tls, tls_ca, tls_cert, tls_key):
                 creds = channel_credentials(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
@@ -68,7 +70,7 @@ class AsyncClient:
                 channel = grpc.aio.insecure_channel(target)
         self._channel = channel
         self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
-        self._metadata = _call_metadata(api_key)
+        self._metadata = _call_metadata(resolve_api_key(api_key))
         self.timeout = timeout
         self._cache = (
             VerdictCache(max_entries=cache_max_entries, max_staleness=max_staleness) if cache else None

@@ -9,6 +9,7 @@ both keep a ``VerdictCache`` fed by a WatchKeyEvents subscription (a daemon thre
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
@@ -134,6 +135,18 @@ def _call_metadata(api_key: str | None) -> tuple[tuple[str, str], ...] | None:
     return (("authorization", f"Bearer {api_key}"),) if api_key else None
 
 
+def resolve_target(target: str | None) -> str:
+    """The target given, else ``KEYSTILE_TARGET``, else ``DEFAULT_TARGET``."""
+    return target or os.environ.get("KEYSTILE_TARGET") or DEFAULT_TARGET
+
+
+def resolve_api_key(api_key: str | None) -> str | None:
+    """The key given ("" for none), else ``KEYSTILE_API_KEY`` (what the CLI reads too), else none."""
+    if api_key is None:
+        return os.environ.get("KEYSTILE_API_KEY") or None
+    return api_key or None
+
+
 def _wants_tls(tls: bool, *sources: PemSource | None) -> bool:
     return tls or any(source is not None for source in sources)
 
@@ -141,8 +154,10 @@ def _wants_tls(tls: bool, *sources: PemSource | None) -> bool:
 class Client:
     """Blocking client for keystile.v1.KeyService; use as a context manager or call ``close()``.
 
-    ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. ``tls=True`` (or any of
-    ``tls_ca``, ``tls_cert``, ``tls_key``) connects over TLS; the key and cert enable mTLS.
+    ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. Left out, ``target``
+    and ``api_key`` come from ``KEYSTILE_TARGET`` and ``KEYSTILE_API_KEY`` (``api_key=""``: no
+    key). ``tls=True`` (or any of ``tls_ca``, ``tls_cert``, ``tls_key``) connects over TLS; the
+    key and cert enable mTLS.
 
     ``cache=True`` answers repeated ``verify_key`` calls from memory while a WatchKeyEvents
     stream is healthy, and from the server otherwise (docs/CACHING.md). Up to
@@ -152,7 +167,7 @@ class Client:
 
     def __init__(
         self,
-        target: str = DEFAULT_TARGET,
+        target: str | None = None,
         *,
         api_key: str | None = None,
         timeout: float = DEFAULT_TIMEOUT,
@@ -165,6 +180,7 @@ class Client:
         cache_max_entries: int = DEFAULT_CACHE_ENTRIES,
         max_staleness: float = DEFAULT_MAX_STALENESS,
     ) -> None:
+        target = resolve_target(target)
         if channel is None:
             if _wants_tls(tls, tls_ca, tls_cert, tls_key):
                 creds = channel_credentials(tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key)
@@ -173,7 +189,7 @@ class Client:
                 channel = grpc.insecure_channel(target)
         self._channel = channel
         self._stub = keys_pb2_grpc.KeyServiceStub(self._channel)
-        self._metadata = _call_metadata(api_key)
+        self._metadata = _call_metadata(resolve_api_key(api_key))
         self.timeout = timeout
         self._cache = (
             VerdictCache(max_entries=cache_max_entries, max_staleness=max_staleness) if cache else None

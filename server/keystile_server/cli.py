@@ -21,6 +21,7 @@ from typing import Any, Final, TextIO
 import psycopg
 from google.protobuf import json_format
 
+import keystile
 from keystile import Client, KeystileError
 from keystile.v1 import keys_pb2
 
@@ -299,6 +300,7 @@ def _client_parser() -> argparse.ArgumentParser:
 def build_parser() -> argparse.ArgumentParser:
     """The whole command-line interface."""
     parser = argparse.ArgumentParser(prog="keystile", description="keystile API-key service")
+    parser.add_argument("--version", action="version", version=f"keystile {keystile.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gRPC server")
