@@ -10,9 +10,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import psycopg
 import pytest
 from fix_server import ADMIN_KEY, BIN, ServeProcess, free_port, postgres_for, run_cli
+from google.protobuf import descriptor_pb2
 
 import keystile
 
@@ -284,3 +286,46 @@ def test_the_client_reads_target_and_key_from_the_environment(
         assert client.verify_key(created.secret).result == keystile.VerifyResult.Value("VERIFY_RESULT_VALID")
     with keystile.Client(api_key="") as anonymous, pytest.raises(keystile.UnauthenticatedError):
         anonymous.list_keys(owner)  # "" means no key, whatever the environment says
+
+
+def test_reflection_v1_and_v1alpha_resolve_methods_with_their_comments(served: ServeProcess) -> None:
+    listed = grpcurl("-plaintext", served.address, "list")
+    assert listed.returncode == 0, listed.stderr
+    services = set(listed.stdout.split())
+    assert {
+        "keystile.v1.KeyService",
+        "envoy.service.auth.v3.Authorization",
+        "grpc.health.v1.Health",
+    } <= services
+    assert {"grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection"} <= services
+    method = grpcurl("-plaintext", served.address, "describe", "keystile.v1.KeyService.CreateKey")
+    assert method.returncode == 0, method.stderr  # grpc/grpc#34743: "Symbol not found" before
+    assert "rpc CreateKey" in method.stdout
+    assert "the secret is never returned again" in method.stdout  # the proto's comment
+    message = grpcurl("-plaintext", served.address, "describe", "keystile.v1.RateLimit")
+    assert "1 second to 1 day" in message.stdout
+    detail = grpcurl("-plaintext", served.address, "describe", "google.rpc.ErrorInfo")
+    assert detail.returncode == 0 and "message ErrorInfo" in detail.stdout
+    missing = grpcurl("-plaintext", served.address, "describe", "keystile.v1.KeyService.NoSuchMethod")
+    assert missing.returncode != 0
+
+
+def test_reflection_v1_answers_on_its_own_path(served: ServeProcess) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    with grpc.insecure_channel(served.address) as channel:
+        call = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        request = reflection_pb2.ServerReflectionRequest(
+            file_containing_symbol="keystile.v1.KeyService.VerifyKey"
+        )
+        (response,) = list(call(iter([request]), timeout=10))
+    assert response.HasField("file_descriptor_response")
+    names = [
+        descriptor_pb2.FileDescriptorProto.FromString(b).name
+        for b in response.file_descriptor_response.file_descriptor_proto
+    ]
+    assert "keystile/v1/keys.proto" in names

@@ -17,6 +17,7 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT_ROOT = ROOT / "client"
+DESCRIPTORS = Path("keystile/v1/descriptors.binpb")
 
 
 def proto_files() -> list[Path]:
@@ -35,6 +36,9 @@ def generate(out_root: Path = OUT_ROOT) -> list[Path]:
         f"--grpc_python_out={out_root}",
         f"--mypy_out={out_root}",
         f"--mypy_grpc_out={out_root}",
+        # The descriptors with their comments, for reflection (grpcurl describe shows them).
+        f"--descriptor_set_out={out_root / DESCRIPTORS}",
+        "--include_source_info",
         *(str(p) for p in proto_files()),
     ]
     # protoc finds the mypy plugins on PATH; they sit beside this interpreter in the venv.
@@ -46,6 +50,7 @@ def generate(out_root: Path = OUT_ROOT) -> list[Path]:
         stem = proto.with_suffix("")
         for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"):
             written.append(out_root / f"{stem}{suffix}")
+    written.append(out_root / DESCRIPTORS)
     return written
 
 

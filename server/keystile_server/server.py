@@ -17,12 +17,11 @@ from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from keystile.v1 import keys_pb2
 
-from . import ext_authz
+from . import ext_authz, reflection
 from .cache import VerificationCache
 from .connection_limits import FileDescriptorWatch, grpc_server_options, raise_open_file_limit
 from .database_health import DatabaseHealth
@@ -187,9 +186,7 @@ class KeystileServer:
         add_to_server(self._handlers, server)
         ext_authz.add_to_server(self._handlers, server, gateway_config(self.settings))
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection(
-            [KEY_SERVICE_NAME, ext_authz.SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.add_to_server([KEY_SERVICE_NAME, ext_authz.SERVICE_NAME, health.SERVICE_NAME], server)
         for name in ("", KEY_SERVICE_NAME):
             await self._health.set(name, _NOT_SERVING)
         try:
