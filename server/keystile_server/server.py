@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from keystile.v1 import keys_pb2
 
-from . import ext_authz, reflection
+from . import ext_authz, forward_auth, reflection
 from .cache import VerificationCache
 from .connection_limits import FileDescriptorWatch, grpc_server_options, raise_open_file_limit
 from .database_health import DatabaseHealth
@@ -154,6 +154,8 @@ class KeystileServer:
         self._serve_metrics = serve_metrics
         self.metrics = ServerMetrics()
         self._metrics_http: Any = None
+        self._http: Any = None  # the forward-auth server's runner, with --http-listen
+        self.http_port = 0
         # A subscriber that cannot take a message for max_staleness is of no use to its cache.
         self._events = KeyEventHub(
             max_subscribers=settings.max_watchers, stall_timeout=settings.max_staleness
@@ -204,6 +206,17 @@ class KeystileServer:
             self._metrics_http, self.metrics_port = start_metrics_server(
                 self.settings.metrics_listen, self.metrics.registry
             )
+        if self.settings.http_listen:
+            try:
+                self._http, self.http_port = await forward_auth.start(
+                    self._handlers,
+                    gateway_config(self.settings),
+                    self.settings.http_listen,
+                    reuse_port=self._reuse_port,
+                )
+            except OSError as exc:
+                raise OSError(f"cannot listen on {self.settings.http_listen}: {exc.strerror}") from exc
+            _log.info("forward-auth on http://%s%s", self.settings.http_listen, forward_auth.PATH)
         self._tasks.append(asyncio.create_task(self._connect(), name="keystile-connect"))
 
     def _tls_credentials(self) -> grpc.ServerCredentials | None:
@@ -357,6 +370,8 @@ class KeystileServer:
         await self._health.enter_graceful_shutdown()
         # Watch streams never end on their own: close them so that draining is not held up.
         self._events.close_all("server shutting down")
+        if self._http is not None:
+            await self._http.cleanup()
         if self._grpc is not None:
             await self._grpc.stop(self.settings.shutdown_grace)
         if self._filter is not None:

@@ -297,6 +297,13 @@ OPTIONS: Final = (
     Option("tls_key", Path, None, "PEM private key for --tls-cert", "FILE"),
     Option("tls_client_ca", Path, None, "PEM CA bundle: require client certificates (mTLS)", "FILE"),
     Option(
+        "http_listen",
+        _listen_address,
+        None,
+        "host:port of the HTTP forward-auth endpoint /auth (nginx auth_request, Traefik, Caddy); unset: off",
+        "HOST:PORT",
+    ),
+    Option(
         "auth_key_headers",
         _header_names,
         ("authorization", "x-api-key"),
@@ -363,6 +370,7 @@ class Settings:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    http_listen: str | None = None
     auth_key_headers: tuple[str, ...] = ("authorization", "x-api-key")
     auth_key_query: str = ""
     auth_header_prefix: str = "x-keystile-"
