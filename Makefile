@@ -56,9 +56,11 @@ proto: $(STAMP) ## regenerate client/keystile/v1 from proto/
 	$(BIN)/python tools/genproto.py
 
 .PHONY: lint
-lint: $(STAMP) $(BUF) ## buf lint, buf format, ruff, mypy --strict
+lint: $(STAMP) $(BUF) ## buf lint, buf format, buf breaking, ruff, mypy --strict
 	$(BUF) lint
 	$(BUF) format --diff --exit-code
+	@# The contract only grows: the working tree's proto against the last commit's (FILE rules).
+	$(BUF) breaking --against '.git#ref=HEAD'
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
