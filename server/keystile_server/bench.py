@@ -37,6 +37,7 @@ from .processes import run_async
 
 VERIFY_METHOD: Final = "/keystile.v1.KeyService/VerifyKey"
 HEALTH_METHOD: Final = "/grpc.health.v1.Health/Check"
+CHECK_METHOD: Final = "/envoy.service.auth.v3.Authorization/Check"
 MIX_KINDS: Final = ("valid", "unknown", "malformed", "revoked")
 _HIGHEST_US: Final = 60_000_000
 CONNECT_TIMEOUT: Final = 10.0
@@ -257,7 +258,8 @@ async def _drive(spec: LoadSpec, index: int, position: int, concurrency: int, re
             reports.put(("unreachable", index, spec.target, failure))
             return
         # No (de)serializers: requests go out as the bytes serialized up front.
-        call = channel.unary_unary(VERIFY_METHOD if verify else HEALTH_METHOD, None, None)
+        method = {"verify": VERIFY_METHOD, "health": HEALTH_METHOD, "check": CHECK_METHOD}[spec.rpc]
+        call = channel.unary_unary(method, None, None)
         metadata = spec.metadata or None
         measure_from = time.perf_counter() + spec.warmup
         stop_at = measure_from + spec.duration
@@ -324,6 +326,23 @@ async def _drive(spec: LoadSpec, index: int, position: int, concurrency: int, re
 def health_requests() -> list[bytes]:
     """The no-op baseline's request."""
     return [health_pb2.HealthCheckRequest().SerializeToString()]
+
+
+def check_requests(keys: Sequence[str], *, scopes: str = "") -> list[bytes]:
+    """One serialized Envoy CheckRequest per key (Bearer header, the route's scopes), in order."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    requests = []
+    for key in keys:
+        request = external_auth_pb2.CheckRequest()
+        http = request.attributes.request.http
+        http.method, http.path, http.host = "GET", "/jobs/1", "api.example.com"
+        http.headers["authorization"] = f"Bearer {key}"
+        http.headers["user-agent"] = "keystile-bench"
+        if scopes:
+            request.attributes.context_extensions["keystile.scopes"] = scopes
+        requests.append(request.SerializeToString())
+    return requests
 
 
 def verify_requests(keys: Sequence[str], *, scopes: Sequence[str] = ()) -> list[bytes]:

@@ -21,8 +21,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from .gateway import GatewayConfig, HttpAnswer, decide, find_key, split_scopes
+from .gateway import GatewayConfig, HttpAnswer, answer_for, decide, find_key, split_scopes
 from .handlers import KeyServiceHandlers
+from .model import Verification
 from .rpc_errors import abort_for
 from .wire import authorization
 
@@ -30,6 +31,7 @@ SCOPES: Final = "keystile.scopes"
 RESOURCE: Final = "keystile.resource"
 METADATA_NAMESPACE: Final = "keystile"
 SERVICE_NAME: Final = external_auth_pb2.DESCRIPTOR.services_by_name["Authorization"].full_name
+_MAX_ANSWERS: Final = 50_000
 _DENIED_CODES: Final = {403: code_pb2.PERMISSION_DENIED, 429: code_pb2.RESOURCE_EXHAUSTED}
 
 
@@ -40,8 +42,13 @@ def _header(name: str, value: str) -> base_pb2.HeaderValueOption:
     )
 
 
-def check_response(answer: HttpAnswer) -> external_auth_pb2.CheckResponse:
-    """An HttpAnswer as Envoy's CheckResponse."""
+def check_response(answer: HttpAnswer) -> bytes:
+    """An HttpAnswer as Envoy's CheckResponse, serialized."""
+    serialized: bytes = _check_response(answer).SerializeToString()
+    return serialized
+
+
+def _check_response(answer: HttpAnswer) -> Any:
     metadata = struct_pb2.Struct()
     metadata.update({METADATA_NAMESPACE: answer.facts})
     if answer.allowed:
@@ -71,13 +78,19 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
     def __init__(self, handlers: KeyServiceHandlers, config: GatewayConfig) -> None:
         self._handlers = handlers
         self._config = config
+        self._answers: dict[tuple[int, str], tuple[Verification, bytes]] = {}
 
     async def Check(  # noqa: N802  # the generated method's name
         self,
         request: external_auth_pb2.CheckRequest,
         context: grpc.aio.ServicerContext[Any, Any],
-    ) -> external_auth_pb2.CheckResponse:
-        """Allow or deny one HTTP request Envoy is about to route."""
+    ) -> bytes:
+        """Allow or deny one HTTP request Envoy is about to route (a serialized CheckResponse).
+
+        A cached key's verdict is the same object call after call (see Verification), so its
+        serialized answer is memoized by that identity, with the header the key came in: most
+        Checks then build nothing.
+        """
         try:
             service = self._handlers._service()
             http = request.attributes.request.http
@@ -85,11 +98,24 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
             query = http.path.partition("?")[2] if http.query == "" else http.query
             key, credential = find_key(headers, query, self._config)
             extensions = request.attributes.context_extensions
+            scopes, resource = split_scopes(extensions.get(SCOPES, "")), extensions.get(RESOURCE, "")
+            verdict = service.verifier.verify_cached(key.encode(), scopes, resource) if key else None
+            if verdict is not None and verdict.reused:
+                memo = self._answers.get((id(verdict), credential))
+                if memo is not None and memo[0] is verdict:
+                    return memo[1]
+                serialized = check_response(answer_for(verdict, self._config, credential))
+                if len(self._answers) >= _MAX_ANSWERS:
+                    self._answers.clear()
+                self._answers[(id(verdict), credential)] = (verdict, serialized)
+                return serialized
+            if verdict is not None:
+                return check_response(answer_for(verdict, self._config, credential))
             answer = await decide(
                 service.verifier,
                 key,
-                split_scopes(extensions.get(SCOPES, "")),
-                extensions.get(RESOURCE, ""),
+                scopes,
+                resource,
                 self._config,
                 credential_header=credential,
                 authorization=authorization(context) if service.verify_auth_required else "",
@@ -101,5 +127,9 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
 
 
 def add_to_server(handlers: KeyServiceHandlers, server: grpc.aio.Server, config: GatewayConfig) -> None:
-    """Serve Envoy's Authorization service beside KeyService."""
-    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(EnvoyAuthorization(handlers, config), server)
+    """Serve Envoy's Authorization service beside KeyService (answers leave as memoized bytes)."""
+    servicer = EnvoyAuthorization(handlers, config)
+    method = grpc.unary_unary_rpc_method_handler(
+        servicer.Check, request_deserializer=external_auth_pb2.CheckRequest.FromString
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, {"Check": method}),))
