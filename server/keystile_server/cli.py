@@ -18,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
 
-import psycopg
 from google.protobuf import json_format
 
 import keystile
@@ -228,13 +227,21 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         url = embedded.start()
     try:
         applied = asyncio.run(migrate(url))
-    except psycopg.Error as exc:
+    except Exception as exc:
+        if not isinstance(exc, _database_errors()):
+            raise
         return _database_error("cannot migrate", exc)
     finally:
         if embedded is not None:
             embedded.stop()
     print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is up to date")
     return 0
+
+
+def _database_errors() -> tuple[type[Exception], ...]:
+    import psycopg  # the server extra's: imported by the commands that need the database
+
+    return (psycopg.Error,)
 
 
 def _database_error(what: str, exc: BaseException) -> int:
@@ -251,11 +258,12 @@ def _cmd_bootstrap(args: argparse.Namespace) -> int:
 
     settings = Settings.resolve(args, os.environ)
     configure_logging("WARNING")
+    unusable_database: tuple[type[Exception], ...] = (*_database_errors(), StoreUnavailable)
     try:
         created = asyncio.run(
             bootstrap_admin(settings, owner_id=args.owner, name=args.name, force=args.force)
         )
-    except (psycopg.Error, StoreUnavailable) as exc:
+    except unusable_database as exc:
         return _database_error("cannot bootstrap", exc)
     except AdminKeyExists:
         if args.if_missing:
@@ -375,9 +383,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from .bench import add_arguments
+SERVER_EXTRA: Final = "pip install 'keystile[server]'"
 
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    try:
+        from .bench import add_arguments
+    except ModuleNotFoundError:  # the client alone: the load generator comes with the server extra
+        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        return
     add_arguments(parser)
 
 
@@ -418,6 +432,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return handler(args)
     except SettingsError as exc:
         parser.error(str(exc))
+    except ModuleNotFoundError as exc:  # only the client is installed
+        sys.stderr.write(
+            f"error: `keystile {args.command}` needs the server: {SERVER_EXTRA} ({exc.name} is missing)\n"
+        )
+        return EXIT_ERROR
     except KeystileError as exc:
         detail = "".join(f"\n  {field}: {why}" for field, why in exc.field_violations.items())
         sys.stderr.write(
