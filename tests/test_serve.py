@@ -329,3 +329,18 @@ def test_reflection_v1_answers_on_its_own_path(served: ServeProcess) -> None:
         for b in response.file_descriptor_response.file_descriptor_proto
     ]
     assert "keystile/v1/keys.proto" in names
+
+
+def test_grpcurl_decodes_error_details_through_reflection(served: ServeProcess) -> None:
+    done = grpcurl(
+        "-plaintext",
+        *AS_ADMIN,
+        "-d",
+        '{"owner_id": "bad owner!"}',
+        served.address,
+        "keystile.v1.KeyService/CreateKey",
+    )
+    assert done.returncode != 0
+    assert '"reason":"INVALID_ARGUMENT"' in done.stderr.replace(" ", "")
+    assert "google.rpc.BadRequest" in done.stderr and "is not recognized" not in done.stderr
+    assert '"field":"owner_id"' in done.stderr.replace(" ", "")
