@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 BUF_VERSION := 1.75.0
 BUF := .tools/node_modules/.bin/buf
+PROTOC_GEN_ES_VERSION := 2.17.0
+PROTOC_GEN_ES := .tools/node_modules/.bin/protoc-gen-es
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
@@ -51,6 +53,19 @@ $(BUF):
 	mkdir -p .tools
 	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/buf@$(BUF_VERSION)
 
+$(PROTOC_GEN_ES):
+	mkdir -p .tools
+	npm install --silent --no-audit --no-fund --prefix .tools @bufbuild/protoc-gen-es@$(PROTOC_GEN_ES_VERSION)
+
+.PHONY: clients
+clients: $(STAMP) $(BUF) $(PROTOC_GEN_ES) ## generate Go, TypeScript and Java clients into gen/ (buf.gen.yaml)
+	@command -v protoc-gen-go >/dev/null && command -v grpc_java_plugin >/dev/null || $(MAKE) client-plugins
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BUF) generate
+
+.PHONY: client-plugins
+client-plugins: ## install protoc-gen-go and grpc-java's stub plugin from Debian (root, apt-get)
+	apt-get install -y -q golang-goprotobuf-dev protobuf-compiler-grpc-java-plugin
+
 .PHONY: proto
 proto: $(STAMP) ## regenerate client/keystile/v1 from proto/
 	$(BIN)/python tools/genproto.py
@@ -73,4 +88,4 @@ fmt: $(STAMP) $(BUF) ## format proto and Python in place
 
 .PHONY: clean
 clean: ## remove .venv, tools and build output (keeps ./.keystile data)
-	rm -rf $(VENV) .tools build dist *.egg-info client/*.egg-info
+	rm -rf $(VENV) .tools build dist gen *.egg-info client/*.egg-info
