@@ -47,6 +47,8 @@ KEY_SERVICE_NAME: Final = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].ful
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
+_METRICS_SHUTDOWN: Final = 5.0
+"""Seconds stop() waits for the /metrics server's thread before closing its socket anyway."""
 
 
 def gateway_config(settings: Settings) -> GatewayConfig:
@@ -389,7 +391,11 @@ class KeystileServer:
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
+            # shutdown() waits for the serving thread's loop to notice: never on the event loop
+            # (CI caught it blocking stop() for a minute), and never for longer than a bound.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_METRICS_SHUTDOWN):
+                    await asyncio.to_thread(self._metrics_http.shutdown)
             self._metrics_http.server_close()
         _log.info("stopped")
 
