@@ -35,6 +35,26 @@ LISTENERS = (
 Admission = tuple[float, float]  # (sent, answered), monotonic seconds
 
 
+def drive_all(
+    callers: list[keystile.Client],
+    secret: str,
+    rate: float,
+    seconds: float,
+    admitted: list[Admission],
+    seen: list[int],
+) -> None:
+    """Every caller verifies ``secret`` for ``seconds``, ``rate`` calls/s in all, until all are done."""
+    until = time.monotonic() + seconds
+    threads = [
+        threading.Thread(target=_drive, args=(c, secret, rate / len(callers), until, admitted, seen))
+        for c in callers
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+
 def worst_window(admitted: list[Admission], window: float) -> int:
     """The most admissions certainly decided within one interval of ``window`` seconds."""
     spans = sorted(admitted)
@@ -108,13 +128,10 @@ def test_workers_and_caching_clients_never_exceed_the_limit(three: ServeProcess,
         admitted: list[Admission] = []
         seen: list[int] = []
         start = time.monotonic()
-        until = start + WINDOWS * WINDOW
-        threads = [
-            threading.Thread(target=_drive, args=(c, secret, DEMAND / len(callers), until, admitted, seen))
-            for c in callers
-        ]
-        for thread in threads:
-            thread.start()
+        driving = threading.Thread(
+            target=drive_all, args=(callers, secret, DEMAND, WINDOWS * WINDOW, admitted, seen)
+        )
+        driving.start()
         time.sleep(WINDOW * 2.5)  # mid-window: kill a worker, which holds units at this rate
         workers = [
             p
@@ -122,8 +139,7 @@ def test_workers_and_caching_clients_never_exceed_the_limit(three: ServeProcess,
             if "resource_tracker" not in " ".join(p.cmdline())
         ]
         workers[0].kill()
-        for thread in threads:
-            thread.join()
+        driving.join()
     finally:
         for c in callers:
             c.close()
@@ -172,15 +188,7 @@ def test_credits_are_never_overspent_by_concurrent_callers(three: ServeProcess, 
         eventually(lambda: all(c.cache_stats().live for c in caching), timeout=10)  # type: ignore[union-attr]
         admitted: list[Admission] = []
         seen: list[int] = []
-        until = time.monotonic() + 3
-        threads = [
-            threading.Thread(target=_drive, args=(c, created.secret, 100, until, admitted, seen))
-            for c in callers
-        ]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        drive_all(callers, created.secret, 100 * len(callers), 3, admitted, seen)
     finally:
         for c in callers:
             c.close()
@@ -203,15 +211,7 @@ def test_the_bound_holds_from_light_traffic_to_overload(three: ServeProcess, own
         admitted: list[Admission] = []
         seen: list[int] = []
         for rate, seconds in ((0.2 * limit / window, 2 * window), (5 * limit / window, 2 * window)):
-            until = time.monotonic() + seconds
-            threads = [
-                threading.Thread(target=_drive, args=(c, secret, rate / len(callers), until, admitted, seen))
-                for c in callers
-            ]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
+            drive_all(callers, secret, rate, seconds, admitted, seen)
     finally:
         for c in callers:
             c.close()

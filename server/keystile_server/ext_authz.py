@@ -21,7 +21,7 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from .gateway import GatewayConfig, HttpAnswer, answer_for, decide, find_key, split_scopes
+from .gateway import MISSING_KEY, GatewayConfig, HttpAnswer, answer_for, find_key, judge, split_scopes
 from .handlers import KeyServiceHandlers
 from .model import Verification
 from .rpc_errors import abort_for
@@ -99,28 +99,20 @@ class EnvoyAuthorization(external_auth_pb2_grpc.AuthorizationServicer):  # type:
             key, credential = find_key(headers, query, self._config)
             extensions = request.attributes.context_extensions
             scopes, resource = split_scopes(extensions.get(SCOPES, "")), extensions.get(RESOURCE, "")
-            verdict = service.verifier.verify_cached(key.encode(), scopes, resource) if key else None
-            if verdict is not None and verdict.reused:
-                memo = self._answers.get((id(verdict), credential))
-                if memo is not None and memo[0] is verdict:
-                    return memo[1]
-                serialized = check_response(answer_for(verdict, self._config, credential))
-                if len(self._answers) >= _MAX_ANSWERS:
-                    self._answers.clear()
-                self._answers[(id(verdict), credential)] = (verdict, serialized)
-                return serialized
-            if verdict is not None:
+            if not key:
+                return check_response(MISSING_KEY)
+            authorized = authorization(context) if service.verify_auth_required else ""
+            verdict = await judge(service.verifier, key, scopes, resource, authorization=authorized)
+            if not verdict.reused:
                 return check_response(answer_for(verdict, self._config, credential))
-            answer = await decide(
-                service.verifier,
-                key,
-                scopes,
-                resource,
-                self._config,
-                credential_header=credential,
-                authorization=authorization(context) if service.verify_auth_required else "",
-            )
-            return check_response(answer)
+            memo = self._answers.get((id(verdict), credential))
+            if memo is not None and memo[0] is verdict:
+                return memo[1]
+            serialized = check_response(answer_for(verdict, self._config, credential))
+            if len(self._answers) >= _MAX_ANSWERS:
+                self._answers.clear()
+            self._answers[(id(verdict), credential)] = (verdict, serialized)
+            return serialized
         except Exception as exc:  # abort_for maps every error, unknown ones to INTERNAL
             await abort_for("Check", exc, context)
             raise  # not reached: abort_for always aborts

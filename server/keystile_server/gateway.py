@@ -27,9 +27,9 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from .model import LimitStatus, Verification, VerifyResult
+from .service import BEARER
 from .verification import Verifier
 
-BEARER: Final = "bearer "
 REALM: Final = 'Bearer realm="keystile"'
 
 
@@ -109,11 +109,19 @@ async def decide(
 ) -> HttpAnswer:
     """The HTTP answer for a request presenting ``key`` (StoreUnavailable when it cannot be known)."""
     if not key:
-        return _denied(401, "missing_key", {"www-authenticate": REALM})
+        return MISSING_KEY
+    verdict = await judge(verifier, key, scopes, resource, authorization=authorization)
+    return answer_for(verdict, config, credential_header)
+
+
+async def judge(
+    verifier: Verifier, key: str, scopes: list[str], resource: str, *, authorization: str = ""
+) -> Verification:
+    """The verdict on ``key``: from the cache without suspending when it can be, else looked up."""
     verdict = verifier.verify_cached(key.encode(), scopes, resource)
     if verdict is None:
         verdict = await verifier.verify_key(key, scopes, resource, authorization=authorization)
-    return answer_for(verdict, config, credential_header)
+    return verdict
 
 
 def answer_for(verdict: Verification, config: GatewayConfig, credential_header: str) -> HttpAnswer:
@@ -172,3 +180,7 @@ def _denied(status: int, reason: str, headers: dict[str, str]) -> HttpAnswer:
         body=body,
         facts={"reason": reason},
     )
+
+
+MISSING_KEY: Final = _denied(401, "missing_key", {"www-authenticate": REALM})
+"""The answer when no header (or query parameter) carries a key."""

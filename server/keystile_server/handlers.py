@@ -160,8 +160,6 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
         self._heads[memo_key] = (record, head)
         return head
 
-    _service = LimitHandlers._limits_service
-
     @translate_errors
     async def CreateKey(
         self,

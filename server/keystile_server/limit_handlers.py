@@ -105,7 +105,7 @@ class LimitHandlers:
 
     service: KeyService | None
 
-    def _limits_service(self) -> KeyService:
+    def _service(self) -> KeyService:
         if self.service is None:
             raise StoreUnavailable()
         return self.service
@@ -121,7 +121,7 @@ class LimitHandlers:
             if policy.HasField("max_key_lifetime")
             else None
         )
-        stored = await self._limits_service().policies.set(
+        stored = await self._service().policies.set(
             policy.owner_id,
             max_active_keys=policy.max_active_keys,
             max_key_lifetime=lifetime,
@@ -135,9 +135,7 @@ class LimitHandlers:
         self, request: keys_pb2.GetOwnerPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> keys_pb2.GetOwnerPolicyResponse:
         """Return an owner's policy."""
-        policy = await self._limits_service().policies.get(
-            request.owner_id, authorization=authorization(context)
-        )
+        policy = await self._service().policies.get(request.owner_id, authorization=authorization(context))
         return keys_pb2.GetOwnerPolicyResponse(policy=policy_to_proto(policy))
 
     @translate_errors
@@ -145,7 +143,7 @@ class LimitHandlers:
         self, request: keys_pb2.DeleteOwnerPolicyRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> keys_pb2.DeleteOwnerPolicyResponse:
         """Remove an owner's policy."""
-        await self._limits_service().policies.delete(request.owner_id, authorization=authorization(context))
+        await self._service().policies.delete(request.owner_id, authorization=authorization(context))
         return keys_pb2.DeleteOwnerPolicyResponse()
 
     @translate_errors
@@ -153,7 +151,7 @@ class LimitHandlers:
         self, request: keys_pb2.GetCreditsRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> keys_pb2.GetCreditsResponse:
         """Return a key's credits."""
-        credits = await self._limits_service().credits.get(request.id, authorization=authorization(context))
+        credits = await self._service().credits.get(request.id, authorization=authorization(context))
         return keys_pb2.GetCreditsResponse(credits=credits_to_proto(credits))
 
     @translate_errors
@@ -162,7 +160,7 @@ class LimitHandlers:
     ) -> keys_pb2.UpdateCreditsResponse:
         """Set or add to a key's credits."""
         change = request.WhichOneof("change")
-        credits = await self._limits_service().credits.update(
+        credits = await self._service().credits.update(
             request.id,
             set_to=request.set if change == "set" else None,
             add=request.add if change == "add" else None,
