@@ -25,7 +25,12 @@ Starts an embedded PostgreSQL and keystile servers on it, seeds keys, and measur
 10. the bound: one key limited to 600 per minute, driven at 5x its limit for 3 minutes
     (``BENCH_BOUND_SECONDS``) by 3 worker processes and 2 caching clients: the most admissions in
     any window and the admissions per window (``limits_bench.py``);
-11. the caching client's verifications per second of rate-limited keys.
+11. the caching client's verifications per second of rate-limited keys;
+12. Envoy's ext_authz Check (a request shaped like Envoy's, the route requiring a scope) on a
+    cached key against the no-op, like the VerifyKey hit of 1;
+13. the latency a real Envoy adds per request when it asks keystile first: the same upstream
+    through a listener with ext_authz and one without, alternately, one request at a time
+    (``envoy_bench.py``).
 
 Servers and PostgreSQL are pinned to CPU 0 and the load to CPU 1 (on a 2-core machine), as
 PERF-NOTES recommends. Results go to bench/results/latest.json and latest.png, and a table is
@@ -60,12 +65,20 @@ import psutil
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # its sibling, however this file is loaded
+from envoy_bench import EnvoyPair, added_latency
 from limits_bench import bound_run, client_limited_rate, seed_limited, shape_requests
 from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 import keystile
-from keystile_server.bench import LoadResult, LoadSpec, health_requests, run_sequence, verify_requests
+from keystile_server.bench import (
+    LoadResult,
+    LoadSpec,
+    check_requests,
+    health_requests,
+    run_sequence,
+    verify_requests,
+)
 from keystile_server.cache import VerificationCache
 from keystile_server.embedded import EmbeddedPostgres
 from keystile_server.metrics import ServerMetrics
@@ -522,6 +535,7 @@ def main() -> int:
         revoked_requests = verify_requests(revoked)
         shapes = shape_requests(hot)
         limited_hits = verify_requests(limited)
+        checks = check_requests(hot, scopes="bench:verify")
 
         log(
             f"VerifyKey vs no-op: {ROUNDS} rounds, each between two no-op phases"
@@ -553,7 +567,10 @@ def main() -> int:
         time.sleep(2.5)
         malformed_after = cache_on.metrics()
 
-        log("request shapes vs no-op, and a limited key's hit vs an unlimited one's (16 in flight)")
+        log(
+            "request shapes and Envoy's Check vs no-op, and a limited key's hit vs an unlimited one's"
+            " (16 in flight)"
+        )
         shape_plan: list[tuple[str, LoadSpec]] = []
         for shape, requests in shapes.items():
             shape_plan += alternating(
@@ -563,6 +580,10 @@ def main() -> int:
         shape_plan += alternating(
             ("cache hit", spec(cache_on, hits, "verify", 16)),
             ("limited hit", spec(cache_on, limited_hits, "verify", 16)),
+        )
+        shape_plan += alternating(
+            ("no-op", spec(cache_on, noop, "health", 16)),
+            ("envoy check hit", spec(cache_on, checks, "check", 16)),
         )
         phases += phases_of(shape_plan)
         limited_before = cache_on.metrics()
@@ -591,6 +612,14 @@ def main() -> int:
         malformed_queries = total(malformed_after, "keystile_db_queries_total{op=find_by_hashes}") - total(
             malformed_before, "keystile_db_queries_total{op=find_by_hashes}"
         )
+
+        log("the latency Envoy adds with ext_authz (1 request at a time, alternating listeners)")
+        envoy = EnvoyPair(int(cache_on.address.rpartition(":")[2]), workdir, free_port)
+        try:
+            envoy_latency = added_latency(envoy, hot[0])
+        finally:
+            envoy.close()
+        log(f"  {envoy_latency}")
 
         log(f"miss-path latency at 1 in flight, {SEED_KEYS:,} keys vs {BIG_TABLE:,}, alternately")
         phases += phases_of(
@@ -707,6 +736,9 @@ def main() -> int:
                 },
                 "10_bound_600_per_minute": bound | {"target": "max <= 600; min per window >= 540"},
                 "11_client_limited_per_second": {**client_limited, "target": ">= 50000"},
+                "12_envoy_check_vs_noop_c16": ratio("envoy check hit", "no-op", 16)
+                | {"target": ">= 0.90 by server CPU"},
+                "13_envoy_added_latency": envoy_latency | {"target": "reported"},
             },
             "revocation_ms": revocation["ms"],
             "seconds": round(time.monotonic() - started, 1),
@@ -799,6 +831,18 @@ def table(results: dict[str, Any]) -> str:
             "caching client verifications/s, limited keys",
             f"{t['11_client_limited_per_second']['per_second']:,}",
             ">= 50,000",
+        ),
+        (
+            "12",
+            "Envoy Check hit / no-op, 16 in flight",
+            _ratios(t["12_envoy_check_vs_noop_c16"]),
+            ">= 0.90 by CPU",
+        ),
+        (
+            "13",
+            "Envoy p50 / p99 added by ext_authz (ms)",
+            "{added_p50_ms} / {added_p99_ms}".format(**t["13_envoy_added_latency"]),
+            "reported",
         ),
         (
             "7",

@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from envoy_bench import cluster, start_envoy
 from fix_http import GatewayProcess
 from fix_proxy import PgProxy
 from fix_server import BIN, RunningServer, free_port, server_settings
@@ -43,36 +41,6 @@ def _route(prefix: str, extensions: dict[str, str] | None) -> dict[str, Any]:
             }
         }
     return route
-
-
-def _cluster(name: str, port: int, *, http2: bool) -> dict[str, Any]:
-    cluster: dict[str, Any] = {
-        "name": name,
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "load_assignment": {
-            "cluster_name": name,
-            "endpoints": [
-                {
-                    "lb_endpoints": [
-                        {
-                            "endpoint": {
-                                "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-                            }
-                        }
-                    ]
-                }
-            ],
-        },
-    }
-    if http2:
-        cluster["typed_extension_protocol_options"] = {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        }
-    return cluster
 
 
 def envoy_config(listen: int, admin: int, keystile_port: int, upstream: int) -> dict[str, Any]:
@@ -137,8 +105,8 @@ def envoy_config(listen: int, admin: int, keystile_port: int, upstream: int) -> 
                 }
             ],
             "clusters": [
-                _cluster("keystile", keystile_port, http2=True),
-                _cluster("upstream", upstream, http2=False),
+                cluster("keystile", keystile_port, http2=True),
+                cluster("upstream", upstream, http2=False),
             ],
         },
     }
@@ -149,26 +117,8 @@ class Envoy(GatewayProcess):
         super().__init__()
         self.port, admin = free_port(), free_port()
         config = envoy_config(self.port, admin, int(keystile_address.rpartition(":")[2]), self.echo.port)
-        path = workdir / "envoy.json"
-        path.write_text(json.dumps(config))
         binary = str(ENVOY) if ENVOY.exists() else str(shutil.which("envoy"))
-        self.log = open(workdir / "envoy.log", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [binary, "-c", str(path), "--disable-hot-restart", "-l", "warning"],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{admin}/ready", timeout=1) as ready:
-                    if ready.status == 200:
-                        return
-            except (TimeoutError, urllib.error.URLError, ConnectionError):
-                pass
-            assert self.proc.poll() is None, (workdir / "envoy.log").read_text()
-            time.sleep(0.1)
-        raise TimeoutError((workdir / "envoy.log").read_text())
+        self.proc, self.log = start_envoy(config, admin, workdir, binary=binary)
 
 
 @pytest.fixture(scope="module")

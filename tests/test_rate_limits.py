@@ -283,8 +283,9 @@ def test_one_process_holds_units_for_a_bounded_number_of_keys() -> None:
 
 def test_remembered_request_shapes_are_capped() -> None:
     from keystile_server import handlers
+    from keystile_server.verification import requirements
 
     servicer = handlers.KeyServiceHandlers()
     for i in range(handlers._MAX_MEMO + 10):
-        servicer._remember(i.to_bytes(32, "big"), b"ks_x", ("a:b",), "", 1)
+        servicer._remember(i.to_bytes(32, "big"), b"ks_x", requirements(["a:b"], ""), 1)
     assert len(servicer._shapes) <= handlers._MAX_MEMO

@@ -197,6 +197,28 @@ def test_keystile_bench_reports_percentiles_and_cleans_up(
         assert list(client.iter_keys(owner)) == []  # every key the run made is revoked again
 
 
+def test_keystile_bench_drives_envoys_check_and_counts_its_http_answers(
+    three: tuple[ServeProcess, str], owner: str
+) -> None:
+    """``--rpc check``: the Envoy ext_authz load, requests shaped like Envoy's, answers by HTTP status."""
+    import json
+
+    from fix_server import run_cli
+
+    served, _ = three
+    result = run_cli(
+        "bench",
+        *("--target", served.address, "--rpc", "check", "--duration", "1", "--warmup", "0.2"),
+        *("-c", "4", "--keys", "2", "--owner", owner, "--mix", "valid=3,unknown=1,revoked=1", "--json"),
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["rpc"] == "check" and report["errors"] == 0
+    assert set(report["results"]) == {"http_200", "http_401"}
+    assert report["results"]["http_200"] > report["results"]["http_401"] > 0
+
+
 def test_keystile_bench_rejects_a_bad_mix(three: tuple[ServeProcess, str]) -> None:
     from fix_server import run_cli
 

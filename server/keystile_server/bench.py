@@ -21,6 +21,7 @@ import queue
 import random
 import sys
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -248,9 +249,9 @@ def _cpu_seconds(pid: int) -> float:
 
 async def _drive(spec: LoadSpec, index: int, position: int, concurrency: int, reports: Any) -> None:
     histogram = new_histogram()
-    results: Counter[int] = Counter()
+    results: Counter[str] = Counter()
     requests = spec.requests
-    verify = spec.rpc == "verify"
+    verify, check = spec.rpc == "verify", spec.rpc == "check"
     calls = errors = 0
     async with _channel(spec) as channel:
         failure = await _connect(channel)
@@ -296,7 +297,11 @@ async def _drive(spec: LoadSpec, index: int, position: int, concurrency: int, re
                     calls += 1
                     if verify:
                         # Field 1 (result) is serialized first: tag 0x08, then a one-byte varint.
-                        results[response[1] if response[:1] == b"\x08" else -1] += 1
+                        results[
+                            _RESULT_NAMES.get(response[1] if response[:1] == b"\x08" else -1, "unspecified")
+                        ] += 1
+                    elif check:
+                        results[_http_status(response)] += 1
 
         async def ticker() -> None:
             while True:
@@ -318,9 +323,17 @@ async def _drive(spec: LoadSpec, index: int, position: int, concurrency: int, re
         await asyncio.gather(sample_server_cpu(), *(worker(i) for i in range(concurrency)))
         ticking.cancel()
     seconds = max(0.0, min(time.perf_counter(), stop_at) - measure_from)
-    named = {_RESULT_NAMES.get(code, "unspecified"): count for code, count in results.items()}
+    named = dict(results)
     server_cpu = cpu[1] - cpu[0] if len(cpu) == 2 else None
     reports.put(("done", index, calls, errors, position, seconds, named, histogram.encode(), server_cpu))
+
+
+def _http_status(response: bytes) -> str:
+    """What Envoy would answer for a serialized CheckResponse: ``http_200``, ``http_401``, ..."""
+    from envoy.service.auth.v3 import external_auth_pb2
+
+    parsed = external_auth_pb2.CheckResponse.FromString(response)
+    return f"http_{parsed.denied_response.status.code if parsed.HasField('denied_response') else 200}"
 
 
 def health_requests() -> list[bytes]:
@@ -329,18 +342,41 @@ def health_requests() -> list[bytes]:
 
 
 def check_requests(keys: Sequence[str], *, scopes: str = "") -> list[bytes]:
-    """One serialized Envoy CheckRequest per key (Bearer header, the route's scopes), in order."""
+    """One serialized Envoy CheckRequest per key, shaped like what Envoy 1.40 sends for a GET.
+
+    Peer addresses, the request's time, id and protocol, the pseudo-headers and the headers curl
+    and Envoy add: the parsing a real Check pays for, not a trimmed request that flatters it.
+    """
     from envoy.service.auth.v3 import external_auth_pb2
 
     requests = []
-    for key in keys:
+    for index, key in enumerate(keys):
         request = external_auth_pb2.CheckRequest()
-        http = request.attributes.request.http
-        http.method, http.path, http.host = "GET", "/jobs/1", "api.example.com"
-        http.headers["authorization"] = f"Bearer {key}"
-        http.headers["user-agent"] = "keystile-bench"
+        attributes = request.attributes
+        attributes.source.address.socket_address.address = "10.0.3.17"
+        attributes.source.address.socket_address.port_value = 40000 + index % 20000
+        attributes.destination.address.socket_address.address = "10.0.3.2"
+        attributes.destination.address.socket_address.port_value = 10000
+        attributes.request.time.FromNanoseconds(1_764_633_600_000_000_000 + index * 1000)
+        http = attributes.request.http
+        http.id = str(10_000_000_000_000_000 + index)
+        http.method, http.path, http.host = "GET", "/jobs/1?page=2", "api.example.com"
+        http.scheme, http.protocol = "http", "HTTP/1.1"
+        http.headers.update(
+            {
+                ":authority": "api.example.com",
+                ":method": "GET",
+                ":path": "/jobs/1?page=2",
+                ":scheme": "http",
+                "accept": "*/*",
+                "authorization": f"Bearer {key}",
+                "user-agent": "curl/8.11.1",
+                "x-forwarded-proto": "http",
+                "x-request-id": str(uuid.UUID(int=index, version=4)),
+            }
+        )
         if scopes:
-            request.attributes.context_extensions["keystile.scopes"] = scopes
+            attributes.context_extensions["keystile.scopes"] = scopes
         requests.append(request.SerializeToString())
     return requests
 
@@ -386,7 +422,12 @@ def mixed_keys(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """``keystile bench`` flags (target, TLS, key and --json come from the shared client options)."""
-    parser.add_argument("--rpc", choices=("verify", "health"), default="verify", help="what to call")
+    parser.add_argument(
+        "--rpc",
+        choices=("verify", "check", "health"),
+        default="verify",
+        help="what to call: VerifyKey, Envoy's ext_authz Check (route scope bench:verify), or the no-op",
+    )
     parser.add_argument("--concurrency", "-c", type=int, default=16, help="calls in flight in total")
     parser.add_argument("--duration", "-d", type=float, default=10.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
@@ -418,7 +459,7 @@ def run_command(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     valid: list[str] = []
     revoked: list[str] = []
     try:
-        if args.rpc == "verify":
+        if args.rpc != "health":
             for _ in range(args.keys if mix.get("valid") else 0):
                 response = client.create_key(args.owner, "bench", scopes=["bench:verify"])
                 created.append(response.key.id)
@@ -427,7 +468,11 @@ def run_command(client: Client, args: argparse.Namespace, out: TextIO) -> int:
                 response = client.create_key(args.owner, "bench-revoked")
                 client.revoke_key(response.key.id, reason="keystile bench")
                 revoked.append(response.secret)
-            requests = verify_requests(mixed_keys(mix, valid, revoked))
+            keys = mixed_keys(mix, valid, revoked)
+            if args.rpc == "check":
+                requests = check_requests(keys, scopes="bench:verify")
+            else:
+                requests = verify_requests(keys)
         else:
             requests = health_requests()
         spec = LoadSpec(
@@ -456,7 +501,7 @@ def run_command(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     report = {
         "target": args.target,
         "rpc": args.rpc,
-        "mix": mix if args.rpc == "verify" else {},
+        "mix": mix if args.rpc != "health" else {},
         "concurrency": args.concurrency,
         "processes": args.processes,
     } | result.summary()

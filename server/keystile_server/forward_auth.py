@@ -23,7 +23,7 @@ from typing import Final
 from aiohttp import web
 
 from .errors import InvalidArgument, KeystileError, PermissionDenied, Unauthenticated
-from .gateway import GatewayConfig, decide, find_key, split_scopes
+from .gateway import GatewayConfig, Routes, decide, find_key
 from .handlers import KeyServiceHandlers
 
 PATH: Final = "/auth"
@@ -44,6 +44,7 @@ class ForwardAuth:
     def __init__(self, handlers: KeyServiceHandlers, config: GatewayConfig) -> None:
         self._handlers = handlers
         self._config = config
+        self._routes = Routes()
 
     async def auth(self, request: web.Request) -> web.Response:
         """Allow or deny the request the proxy is about to forward."""
@@ -59,8 +60,7 @@ class ForwardAuth:
             answer = await decide(
                 service.verifier,
                 key,
-                split_scopes(scopes),
-                resource,
+                self._routes[(scopes, resource)],
                 self._config,
                 credential_header=credential,
                 authorization=headers.get("x-keystile-authorization", "")

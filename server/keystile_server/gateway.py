@@ -28,9 +28,10 @@ from typing import Final
 
 from .model import LimitStatus, Verification, VerifyResult
 from .service import BEARER
-from .verification import Verifier
+from .verification import Requirements, Verifier, requirements
 
 REALM: Final = 'Bearer realm="keystile"'
+MAX_ROUTES: Final = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +98,24 @@ def split_scopes(text: str) -> list[str]:
     return [scope.strip() for scope in text.split(",") if scope.strip()]
 
 
+class Routes(dict[tuple[str, str], Requirements]):
+    """Each route's Requirements by the text the gateway sends: ``routes[(scopes, resource)]``.
+
+    A gateway repeats its few routes' scopes and resource on every request: each is split once
+    (a plain dict lookup after that), and at most ``MAX_ROUTES`` are kept.
+    """
+
+    def __missing__(self, route: tuple[str, str]) -> Requirements:
+        if len(self) >= MAX_ROUTES:
+            self.clear()
+        required = self[route] = requirements(split_scopes(route[0]), route[1])
+        return required
+
+
 async def decide(
     verifier: Verifier,
     key: str,
-    scopes: list[str],
-    resource: str,
+    required: Requirements,
     config: GatewayConfig,
     *,
     credential_header: str,
@@ -110,18 +124,12 @@ async def decide(
     """The HTTP answer for a request presenting ``key`` (StoreUnavailable when it cannot be known)."""
     if not key:
         return MISSING_KEY
-    verdict = await judge(verifier, key, scopes, resource, authorization=authorization)
-    return answer_for(verdict, config, credential_header)
-
-
-async def judge(
-    verifier: Verifier, key: str, scopes: list[str], resource: str, *, authorization: str = ""
-) -> Verification:
-    """The verdict on ``key``: from the cache without suspending when it can be, else looked up."""
-    verdict = verifier.verify_cached(key.encode(), scopes, resource)
+    verdict = verifier.verify_cached(key.encode(), required)
     if verdict is None:
-        verdict = await verifier.verify_key(key, scopes, resource, authorization=authorization)
-    return verdict
+        verdict = await verifier.verify_key(
+            key, required.scopes, required.resource, authorization=authorization
+        )
+    return answer_for(verdict, config, credential_header)
 
 
 def answer_for(verdict: Verification, config: GatewayConfig, credential_header: str) -> HttpAnswer:

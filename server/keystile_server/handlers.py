@@ -30,7 +30,7 @@ from .model import KeyRecord, KeyState, Verification, VerifyResult
 from .rpc_errors import abort_for, translate_errors
 from .service import KeySpec, utc_now
 from .verdicts import validated_cost
-from .verification import RequestShape
+from .verification import RequestShape, Requirements, requirements
 from .wire import authorization, duration, parse_request, set_timestamp
 
 _STATES = {
@@ -137,13 +137,10 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
             self._responses[id(verdict)] = (verdict, serialized)
         return serialized
 
-    def _remember(
-        self, digest: bytes, secret: bytes, scopes: tuple[str, ...], resource: str, cost: int
-    ) -> None:
+    def _remember(self, digest: bytes, secret: bytes, required: Requirements, cost: int) -> None:
         if len(self._shapes) >= _MAX_MEMO:
             self._shapes.clear()
-        memo_key = (scopes, resource) if scopes or resource else None
-        self._shapes[digest] = RequestShape(hash_key(secret), scopes, resource, cost, memo_key)
+        self._shapes[digest] = RequestShape(hash_key(secret), required, cost)
 
     def _head(self, verdict: Verification) -> bytes:
         record = verdict.key
@@ -252,10 +249,10 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
                 scopes, resource = parsed.required_scopes, parsed.resource
                 cost = validated_cost(parsed.cost, parsed.lease_units)  # before any cached answer
                 if digest is not None and not parsed.lease_units:  # not tried above: more than a key
-                    secret = parsed.key.encode()
-                    verdict = service.verifier.verify_cached(secret, scopes, resource, cost)
+                    secret, required = parsed.key.encode(), requirements(scopes, resource)
+                    verdict = service.verifier.verify_cached(secret, required, cost)
                     if verdict is not None:  # the request is valid: remember its shape
-                        self._remember(digest, secret, tuple(scopes), resource, cost)
+                        self._remember(digest, secret, required, cost)
                 if verdict is None:
                     verdict = await service.verifier.verify_key(
                         parsed.key,

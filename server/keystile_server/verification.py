@@ -42,6 +42,31 @@ def _utc(timestamp: float) -> datetime:
 
 
 @dataclass(frozen=True, slots=True)
+class Requirements:
+    """Scopes and a resource a caller requires, with the key its verdicts are memoized under.
+
+    Built once per distinct requirement and reused (a gateway route's, a remembered request's):
+    the cached path then builds nothing per call.
+    """
+
+    scopes: tuple[str, ...]
+    resource: str
+    memo_key: object
+    """What a cache entry memoizes verdicts under: None when nothing is required."""
+
+
+NOTHING_REQUIRED = Requirements((), "", None)
+
+
+def requirements(scopes: Sequence[str], resource: str) -> Requirements:
+    """The Requirements for these scopes and resource (as presented: validated when first judged)."""
+    if not scopes and not resource:
+        return NOTHING_REQUIRED
+    required = tuple(scopes)
+    return Requirements(required, resource, (required, resource))
+
+
+@dataclass(frozen=True, slots=True)
 class RequestShape:
     """What a VerifyKey request asked, remembered by the transport under the request's digest.
 
@@ -50,10 +75,8 @@ class RequestShape:
     """
 
     secret_hash: bytes
-    scopes: tuple[str, ...]
-    resource: str
+    required: Requirements
     cost: int
-    memo_key: object
 
 
 class Verifier:
@@ -99,7 +122,7 @@ class Verifier:
             require_scope(await self._authenticate(authorization), KEYS_VERIFY)
             if not lease_units:
                 cached = self.verify_cached(
-                    secret.encode(), required_scopes, resource, cost, caller_authorized=True
+                    secret.encode(), requirements(required_scopes, resource), cost, caller_authorized=True
                 )
                 if cached is not None:
                     return cached
@@ -115,8 +138,7 @@ class Verifier:
     def verify_cached(
         self,
         secret: bytes,
-        required_scopes: Sequence[str] = (),
-        resource: str = "",
+        required: Requirements = NOTHING_REQUIRED,
         cost: int = 1,
         *,
         caller_authorized: bool = False,
@@ -134,24 +156,17 @@ class Verifier:
         """
         if (self._auth_required and not caller_authorized) or len(secret) > MAX_KEY_LENGTH:
             return None
-        memo_key = (tuple(required_scopes), resource) if required_scopes or resource else None
         # hashlib directly, not hash_key: the hot path's calls show in calls/s (as hash_key's digest)
-        return self._cached(sha256(secret).digest(), memo_key, required_scopes, resource, cost, secret)
+        return self._cached(sha256(secret).digest(), required, cost, secret)
 
     def verify_shape(self, shape: RequestShape) -> Verification | None:
         """``verify_cached`` for a request seen before, by what it asked (``RequestShape``)."""
         if self._auth_required:
             return None
-        return self._cached(shape.secret_hash, shape.memo_key, shape.scopes, shape.resource, shape.cost, None)
+        return self._cached(shape.secret_hash, shape.required, shape.cost, None)
 
     def _cached(
-        self,
-        secret_hash: bytes,
-        memo_key: object,
-        required_scopes: Sequence[str],
-        resource: str,
-        cost: int,
-        secret: bytes | None,
+        self, secret_hash: bytes, required: Requirements, cost: int, secret: bytes | None
     ) -> Verification | None:
         entry = self._cache.peek(secret_hash)
         if entry is None:
@@ -159,14 +174,14 @@ class Verifier:
             # then costs what cache hits cost, not a coroutine and a full parse each.
             if secret is None or not self._cache.certainly_unknown(secret_hash):
                 return None
-            return self._unknown(secret, required_scopes, resource)
+            return self._unknown(secret, required.scopes, required.resource)
         record = entry.record
         if record is None:  # a remembered unknown key
-            validated_requirements(required_scopes, resource)  # still, bad scopes make a bad request
+            validated_requirements(required.scopes, required.resource)  # bad scopes make a bad request
             self._verdicts[VerifyResult.NOT_FOUND].inc()
             return NOT_FOUND
         now = time.time()
-        memo: Memo | None = entry.verdicts.get(memo_key)
+        memo: Memo | None = entry.verdicts.get(required.memo_key)
         if memo is not None and now < memo.until:
             if now >= memo.next_use:  # a use is worth noting at most once a minute (usage.py)
                 memo.next_use = now + MIN_WRITE_INTERVAL
@@ -177,8 +192,8 @@ class Verifier:
             memo.counter.value += 1  # HotCounter.inc, inlined on the hottest line
             return memo.verdict
         # Validated here, before anything is stored: a memo hit then needs no validation.
-        required = validated_requirements(required_scopes, resource)
-        verdict = self._verdict_for(record, required, resource, now, entry.verdicts, memo_key)
+        scopes = validated_requirements(required.scopes, required.resource)
+        verdict = self._verdict_for(record, scopes, required.resource, now, entry.verdicts, required.memo_key)
         if verdict.result is VerifyResult.VALID and record.limited:
             return self._allowances.spend(record, validated_cost(cost), time.monotonic())
         self._verdicts[verdict.result].inc()
