@@ -90,19 +90,21 @@ class Db:
         return self.query(sql, params)[0][0]
 
     def snapshot(self) -> tuple[object, ...]:
-        """Every stored key, credit balance and owner policy, as it is.
+        """Every stored key, credit balance, owner policy and audit event, as it is.
 
         last_used_time aside: it is written in the background.
         """
         keys = self.query(
             """SELECT id, owner_id, name, prefix, secret_hash, secret_hint, scopes, resources,
                       metadata::text, rate_limit_per_minute, create_time, expire_time,
-                      revoke_time, revoke_reason, created_by, limits::text, credit_terms::text
+                      revoke_time, revoke_reason, created_by, limits::text, credit_terms::text,
+                      disable_time, replaces, replaced_by, grant_id
                  FROM keystile.keys ORDER BY id"""
         )
+        audit = self.scalar("SELECT count(*) FROM keystile.audit_events")
         credits = self.query("SELECT key_id, remaining FROM keystile.key_credits ORDER BY key_id")
         policies = self.query("SELECT owner_id, update_time FROM keystile.owner_policies ORDER BY owner_id")
-        return (tuple(keys), tuple(credits), tuple(policies))
+        return (tuple(keys), tuple(credits), tuple(policies), audit)
 
 
 @pytest.fixture(scope="session")

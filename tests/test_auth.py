@@ -126,6 +126,30 @@ MATRIX = {
     },
     ("update_credits", "own"): {r: OK if r == "admin" else DENIED for r in ROLES},
     ("update_credits", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    # The key lifecycle: writers act on their own owner's keys, as RevokeKey; another owner's
+    # key is an unknown id to them.
+    **{
+        (rpc, whose): {
+            "admin": OK,
+            "writer": OK if whose == "own" else NOT_FOUND,
+            "reader": DENIED,
+            "verifier": DENIED,
+            "unprivileged": DENIED,
+        }
+        for rpc in ("update", "disable", "revoke_cascade", "delete")
+        for whose in ("own", "other")
+    },
+    # Rolling hands out a secret with the key's whole grant: a writer lacking jobs:read may not.
+    ("roll", "own"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("roll", "other"): {
+        "admin": OK,
+        "writer": NOT_FOUND,
+        "reader": DENIED,
+        "verifier": DENIED,
+        "unprivileged": DENIED,
+    },
+    ("audit", "own"): {"admin": OK, "writer": OK, "reader": OK, "verifier": DENIED, "unprivileged": DENIED},
+    ("audit", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
 }
 
 
@@ -140,6 +164,8 @@ def test_role_matrix(
         owner = tenants["home"]  # an admin's "own" case acts on a tenant too
     with server.client() as admin_client:
         target = admin_client.create_key(owner, "target", scopes=["jobs:read"], credits=1000)
+        dead = admin_client.create_key(owner, "dead")
+        admin_client.revoke_key(dead.key.id)
         admin_client.set_owner_policy(keystile.owner_policy(owner, max_active_keys=1000))
     before = db.snapshot()
     calls: dict[str, Callable[[keystile.Client], Any]] = {
@@ -153,6 +179,12 @@ def test_role_matrix(
         "delete_policy": lambda c: c.delete_owner_policy(owner),
         "get_credits": lambda c: c.get_credits(target.key.id),
         "update_credits": lambda c: c.update_credits(target.key.id, add=1),
+        "update": lambda c: c.update_key(target.key.id, name="renamed"),
+        "disable": lambda c: c.update_key(target.key.id, disabled=True),
+        "revoke_cascade": lambda c: c.revoke_keys(target.key.id),
+        "delete": lambda c: c.delete_key(dead.key.id),
+        "roll": lambda c: c.roll_key(target.key.id, grace_period=60),
+        "audit": lambda c: c.list_audit_events(owner_id=owner),
     }
     expected = MATRIX[(rpc, whose)][role]
     with server.client(api_key=caller.secret) as client:
@@ -168,6 +200,15 @@ def test_role_matrix(
                 assert result.owner_id == owner and result.max_active_keys == 1000
             if rpc == "get_credits":
                 assert result.remaining == 1000
+            if rpc == "update":
+                assert result.name == "renamed"
+            if rpc == "disable":
+                assert result.disabled and result.state == keys_pb2.KEY_STATE_DISABLED
+            if rpc == "roll":
+                assert result.key.replaces == target.key.id and result.secret != target.secret
+            if rpc == "audit":
+                assert {e.key_id for e in result.events} >= {target.key.id, dead.key.id}
+                assert all(e.owner_id == owner for e in result.events)
             return
         error_type = keystile.PermissionDeniedError if expected == DENIED else keystile.NotFoundError
         with pytest.raises(error_type) as info:

@@ -24,6 +24,7 @@ from keystile import VerifyResult
 from keystile_server.cache import VerificationCache
 from keystile_server.metrics import ServerMetrics
 from keystile_server.store import KeyStore
+from keystile_server.store.lifecycle_store import LifecycleStore
 
 LOOKUPS = "keystile_db_queries_total{op=find_by_hashes}"
 HITS = "keystile_cache_lookups_total{outcome=hit}"
@@ -521,7 +522,8 @@ def test_a_fill_racing_a_revocation_is_not_stored(
             cache.arm()
             early = asyncio.create_task(cache.get(secret_hash))
             await read.wait()  # the early lookup holds the pre-revocation row
-            await store.revoke_key(created.key.id, "race", owner_id=None)
+            lifecycle = LifecycleStore(store.guard, on_query=store.count_query)
+            await lifecycle.revoke_key(created.key.id, "race", owner_id=None, cascade=False, actor="test")
             cache.invalidate(secret_hash)  # what the NOTIFY does on arrival
             late = asyncio.create_task(cache.get(secret_hash))  # must not join the stale load
             await asyncio.sleep(0.05)

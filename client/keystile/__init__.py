@@ -14,15 +14,18 @@ from ._cache import CacheStats
 from ._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Client, create_key_request
 from ._errors import (
     DeadlineExceededError,
+    FailedPreconditionError,
     InternalError,
     InvalidArgumentError,
     KeystileError,
     NotFoundError,
     PermissionDeniedError,
+    ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
 )
 from ._format import KEY_PATTERN, generate_key, hash_key, is_well_formed, parse_key
+from ._lifecycle import audit_request, roll_key_request, update_key_request
 from ._limits import credits, owner_policy, rate_limit
 from .v1.keys_pb2 import Key, KeyState, VerifyResult
 
@@ -39,6 +42,7 @@ __all__ = [
     "CacheStats",
     "Client",
     "DeadlineExceededError",
+    "FailedPreconditionError",
     "InternalError",
     "InvalidArgumentError",
     "Key",
@@ -46,9 +50,11 @@ __all__ = [
     "KeystileError",
     "NotFoundError",
     "PermissionDeniedError",
+    "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",
     "VerifyResult",
+    "audit_request",
     "create_key_request",
     "credits",
     "generate_key",
@@ -57,4 +63,6 @@ __all__ = [
     "owner_policy",
     "parse_key",
     "rate_limit",
+    "roll_key_request",
+    "update_key_request",
 ]

@@ -36,11 +36,12 @@ from ._client import (
     verify_request,
 )
 from ._errors import from_rpc_error
+from ._lifecycle import AsyncLifecycleMethods
 from ._limits import update_credits_request
 from .v1 import keys_pb2, keys_pb2_grpc
 
 
-class AsyncClient:
+class AsyncClient(AsyncLifecycleMethods):
     """asyncio client for keystile.v1.KeyService; same options as ``Client``.
 
     With ``cache=True`` the subscription task starts with the first ``verify_key`` call.
@@ -154,11 +155,21 @@ class AsyncClient:
         page_size: int = 0,
         page_token: str = "",
         include_inactive: bool = False,
+        created_by: str = "",
+        secret_hint: str = "",
         timeout: float | None = None,
     ) -> keys_pb2.ListKeysResponse:
-        """One page of an owner's keys, newest first."""
+        """One page of an owner's keys (an admin's "": every owner's), newest first.
+
+        ``created_by`` (a key id) and ``secret_hint`` (as a log line shows a key) narrow the page.
+        """
         request = keys_pb2.ListKeysRequest(
-            owner_id=owner_id, page_size=page_size, page_token=page_token, include_inactive=include_inactive
+            owner_id=owner_id,
+            page_size=page_size,
+            page_token=page_token,
+            include_inactive=include_inactive,
+            created_by=created_by,
+            secret_hint=secret_hint,
         )
         response: keys_pb2.ListKeysResponse = await self._call(self._stub.ListKeys, request, timeout)
         return response

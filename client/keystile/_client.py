@@ -21,6 +21,7 @@ import grpc
 
 from ._cache import CacheStats, VerdictCache, apply_event
 from ._errors import from_rpc_error
+from ._lifecycle import LifecycleMethods
 from ._limits import update_credits_request
 from .v1 import keys_pb2, keys_pb2_grpc
 
@@ -151,7 +152,7 @@ def _wants_tls(tls: bool, *sources: PemSource | None) -> bool:
     return tls or any(source is not None for source in sources)
 
 
-class Client:
+class Client(LifecycleMethods):
     """Blocking client for keystile.v1.KeyService; use as a context manager or call ``close()``.
 
     ``api_key`` is sent as ``authorization: Bearer <key>`` on every call. Left out, ``target``
@@ -281,11 +282,21 @@ class Client:
         page_size: int = 0,
         page_token: str = "",
         include_inactive: bool = False,
+        created_by: str = "",
+        secret_hint: str = "",
         timeout: float | None = None,
     ) -> keys_pb2.ListKeysResponse:
-        """One page of an owner's keys, newest first."""
+        """One page of an owner's keys (an admin's "": every owner's), newest first.
+
+        ``created_by`` (a key id) and ``secret_hint`` (as a log line shows a key) narrow the page.
+        """
         request = keys_pb2.ListKeysRequest(
-            owner_id=owner_id, page_size=page_size, page_token=page_token, include_inactive=include_inactive
+            owner_id=owner_id,
+            page_size=page_size,
+            page_token=page_token,
+            include_inactive=include_inactive,
+            created_by=created_by,
+            secret_hint=secret_hint,
         )
         response: keys_pb2.ListKeysResponse = self._call(self._stub.ListKeys, request, timeout)
         return response

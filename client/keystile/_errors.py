@@ -60,6 +60,14 @@ class PermissionDeniedError(KeystileError):
     """The caller is authenticated but may not do this."""
 
 
+class FailedPreconditionError(KeystileError):
+    """The key's state does not allow this (rolling a revoked key, deleting a live one): see ``reason``."""
+
+
+class ResourceExhaustedError(KeystileError):
+    """A cap was reached (the owner's max_active_keys, --max-watchers): ``reason`` says which."""
+
+
 class UnavailableError(KeystileError):
     """The server or its database cannot be reached right now; retrying may succeed."""
 
@@ -78,6 +86,8 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[KeystileError]]] = {
     grpc.StatusCode.UNAUTHENTICATED: UnauthenticatedError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 

@@ -13,6 +13,8 @@ maps each class to exactly one gRPC status code and ErrorInfo reason::
     ├── NoCredits              FAILED_PRECONDITION (credits RPCs on a key without credits)
     ├── KeyLimitReached        RESOURCE_EXHAUSTED (CreateKey: the owner holds max_active_keys)
     ├── AdminKeyExists         FAILED_PRECONDITION
+    ├── KeyStateConflict       FAILED_PRECONDITION (reason says which: KEY_NOT_ACTIVE, KEY_ALREADY_ROLLED,
+    │                                               KEY_STILL_ACTIVE)
     ├── StoreUnavailable       UNAVAILABLE
     ├── LookupsOverloaded      UNAVAILABLE       (too many lookups already waiting for the database)
     ├── EventsUnavailable      UNAVAILABLE       (WatchKeyEvents: events may be lost; resubscribe)
@@ -71,6 +73,7 @@ class Unauthenticated(KeystileError):
         "CREDENTIALS_UNKNOWN": "the caller's key does not exist",
         "CREDENTIALS_REVOKED": "the caller's key is revoked",
         "CREDENTIALS_EXPIRED": "the caller's key has expired",
+        "CREDENTIALS_DISABLED": "the caller's key is disabled",
     }
 
     def __init__(self, reason: str) -> None:
@@ -120,6 +123,20 @@ class NoCredits(KeystileError):
 
     def __init__(self) -> None:
         super().__init__("the key has no credits; create it with credits to meter its uses")
+
+
+class KeyStateConflict(KeystileError):
+    """The key's lifecycle state does not allow the action (rolling a revoked key, deleting an active one)."""
+
+    MESSAGES = {
+        "KEY_NOT_ACTIVE": "the key is revoked or expired: it can no longer change or be rolled",
+        "KEY_ALREADY_ROLLED": "the key was already rolled; roll the key that replaced it",
+        "KEY_STILL_ACTIVE": "only a revoked or expired key can be deleted; revoke it first",
+    }
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(self.MESSAGES[reason])
+        self.reason = reason
 
 
 class KeyLimitReached(KeystileError):

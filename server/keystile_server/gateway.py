@@ -63,6 +63,7 @@ _UNAUTHORIZED: Final = {
     VerifyResult.NOT_FOUND: "unknown_key",
     VerifyResult.REVOKED: "revoked_key",
     VerifyResult.EXPIRED: "expired_key",
+    VerifyResult.DISABLED: "disabled_key",
 }
 _FORBIDDEN: Final = {
     VerifyResult.INSUFFICIENT_SCOPE: "insufficient_scope",

@@ -6,84 +6,32 @@ domain's, and every error leaves through ``rpc_errors``.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from hashlib import sha256
 from typing import Any, Final
 
 import grpc
-from google.protobuf import json_format, struct_pb2
 from google.protobuf.message import Message
 
 from keystile._format import hash_key
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
-from .errors import InvalidArgument, StoreUnavailable, violation_error
+from .errors import InvalidArgument, StoreUnavailable
+from .key_messages import key_to_proto, metadata_from_proto, timestamp_field
+from .lifecycle_handlers import LifecycleHandlers
 from .limit_handlers import (
     LimitHandlers,
     credits_from_proto,
-    credits_to_proto,
     limit_specs,
-    limits_to_proto,
     usage_bytes,
 )
-from .model import KeyRecord, KeyState, Verification, VerifyResult
+from .model import KeyRecord, Verification, VerifyResult
 from .rpc_errors import abort_for, translate_errors
 from .service import KeySpec, utc_now
 from .verdicts import validated_cost
 from .verification import RequestShape, Requirements, requirements
-from .wire import authorization, duration, parse_request, set_timestamp
+from .wire import authorization, duration, parse_request
 
-_STATES = {
-    KeyState.ACTIVE: keys_pb2.KEY_STATE_ACTIVE,
-    KeyState.REVOKED: keys_pb2.KEY_STATE_REVOKED,
-    KeyState.EXPIRED: keys_pb2.KEY_STATE_EXPIRED,
-}
 _RESULTS = {result: keys_pb2.VerifyResult.Value(f"VERIFY_RESULT_{result.name}") for result in VerifyResult}
-
-
-def key_to_proto(record: KeyRecord, now: datetime) -> keys_pb2.Key:
-    """A stored key as the API's Key message (the secret is not part of either)."""
-    key = keys_pb2.Key(
-        id=record.id,
-        owner_id=record.owner_id,
-        name=record.name,
-        prefix=record.prefix,
-        secret_hint=record.secret_hint,
-        scopes=record.scopes,
-        resources=record.resources,
-        rate_limit_per_minute=record.rate_limit_per_minute,
-        state=_STATES[record.state(now)],
-        revoke_reason=record.revoke_reason or "",
-        created_by=record.created_by or "",
-        limits=limits_to_proto(record.limits),
-    )
-    if record.credits is not None:
-        key.credits.CopyFrom(credits_to_proto(record.credits))
-    key.metadata.update(record.metadata)
-    set_timestamp(key.create_time, record.create_time)
-    if record.expire_time is not None:
-        set_timestamp(key.expire_time, record.expire_time)
-    if record.revoke_time is not None:
-        set_timestamp(key.revoke_time, record.revoke_time)
-    if record.last_used_time is not None:
-        set_timestamp(key.last_used_time, record.last_used_time)
-    return key
-
-
-def _metadata(struct: struct_pb2.Struct) -> dict[str, Any]:
-    try:
-        return json_format.MessageToDict(struct)
-    except ValueError as exc:  # NaN or infinity: JSON (and so our JSONB column) cannot hold them
-        raise violation_error("metadata", "must not contain NaN or infinite numbers") from exc
-
-
-def _expire_time(request: keys_pb2.CreateKeyRequest) -> datetime | None:
-    if not request.HasField("expire_time"):
-        return None
-    try:
-        return request.expire_time.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError) as exc:
-        raise violation_error("expire_time", "is not a valid timestamp") from exc
 
 
 def key_only(request: bytes) -> bytes | None:
@@ -103,7 +51,7 @@ def key_only(request: bytes) -> bytes | None:
 _MAX_MEMO: Final = 50_000
 
 
-class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
+class KeyServiceHandlers(LimitHandlers, LifecycleHandlers, keys_pb2_grpc.KeyServiceServicer):
     """The KeyService servicer; answers UNAVAILABLE until the domain service is attached."""
 
     def __init__(self) -> None:
@@ -171,9 +119,9 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
             resources=list(request.resources),
             prefix=request.prefix,
             ttl=duration("ttl", request.ttl) if request.HasField("ttl") else None,
-            expire_time=_expire_time(request),
+            expire_time=timestamp_field(request, "expire_time"),
             rate_limit_per_minute=request.rate_limit_per_minute,
-            metadata=_metadata(request.metadata),
+            metadata=metadata_from_proto(request.metadata),
             limits=limit_specs(request.limits),
             credits=credits_from_proto(request.credits) if request.HasField("credits") else None,
         )
@@ -203,23 +151,13 @@ class KeyServiceHandlers(LimitHandlers, keys_pb2_grpc.KeyServiceServicer):
             page_token=request.page_token,
             include_inactive=request.include_inactive,
             authorization=authorization(context),
+            created_by=request.created_by,
+            secret_hint=request.secret_hint,
         )
         now = utc_now()
         return keys_pb2.ListKeysResponse(
             keys=[key_to_proto(record, now) for record in page.keys], next_page_token=page.next_page_token
         )
-
-    @translate_errors
-    async def RevokeKey(
-        self,
-        request: keys_pb2.RevokeKeyRequest,
-        context: grpc.aio.ServicerContext[keys_pb2.RevokeKeyRequest, keys_pb2.RevokeKeyResponse],
-    ) -> keys_pb2.RevokeKeyResponse:
-        """Revoke a key."""
-        record = await self._service().revoke_key(
-            request.id, request.reason, authorization=authorization(context)
-        )
-        return keys_pb2.RevokeKeyResponse(key=key_to_proto(record, utc_now()))
 
     async def VerifyKey(  # type: ignore[override]  # bytes in and out: see add_to_server
         self,

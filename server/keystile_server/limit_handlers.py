@@ -16,12 +16,10 @@ import grpc
 
 from keystile.v1 import keys_pb2
 
-from .errors import StoreUnavailable
 from .limits.rules import LimitSpec
 from .model import CreditRefill, CreditTerms, Lease, LimitStatus, OwnerPolicy, RateLimit
 from .rpc_errors import translate_errors
-from .service import KeyService
-from .wire import authorization, duration, set_timestamp
+from .wire import ServiceAccess, authorization, duration, set_timestamp
 
 _REFILLS = {
     CreditRefill.NEVER: keys_pb2.CREDIT_REFILL_UNSPECIFIED,
@@ -100,15 +98,8 @@ def usage_bytes(limit: LimitStatus | None, lease: Lease | None) -> bytes:
     return response.SerializeToString()
 
 
-class LimitHandlers:
+class LimitHandlers(ServiceAccess):
     """The servicer's limit RPCs; mixed into ``KeyServiceHandlers``."""
-
-    service: KeyService | None
-
-    def _service(self) -> KeyService:
-        if self.service is None:
-            raise StoreUnavailable()
-        return self.service
 
     @translate_errors
     async def SetOwnerPolicy(

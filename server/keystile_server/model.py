@@ -18,6 +18,7 @@ class KeyState(enum.Enum):
     ACTIVE = "active"
     REVOKED = "revoked"
     EXPIRED = "expired"
+    DISABLED = "disabled"
 
     # Members are singletons compared by identity; hashing them by identity too skips Enum's
     # Python-level __hash__, which showed up in profiles of dict lookups on the verify path.
@@ -36,6 +37,7 @@ class VerifyResult(enum.Enum):
     FORBIDDEN_RESOURCE = "forbidden_resource"
     RATE_LIMITED = "rate_limited"
     USAGE_EXCEEDED = "usage_exceeded"
+    DISABLED = "disabled"
 
     __hash__ = object.__hash__  # as KeyState's
 
@@ -129,6 +131,19 @@ class KeyRecord:
     """The key's credit terms (``remaining`` is 0 here: the balance is read apart), or None."""
     owner_limits: tuple[RateLimit, ...] = ()
     """The owner policy's shared limits, on snapshots loaded for verification."""
+    disable_time: datetime | None = None
+    """When the key was switched off; None while it is on (disabling is reversible)."""
+    replaces: str | None = None
+    """The id of the key this one was rolled from."""
+    replaced_by: str | None = None
+    """The id of the key this one was rolled into."""
+    grant_id: str | None = None
+    """The first key of a roll's lineage, when this key was rolled from another (see ``grant``)."""
+
+    @property
+    def grant(self) -> str:
+        """What a key's rate limits and credits belong to: shared by every secret rolled from one key."""
+        return self.grant_id or self.id
 
     @property
     def limited(self) -> bool:
@@ -136,11 +151,13 @@ class KeyRecord:
         return bool(self.limits or self.owner_limits or self.credits is not None)
 
     def state(self, now: datetime) -> KeyState:
-        """Revocation wins over expiry: a revoked key stays revoked after it would have expired."""
+        """Revocation wins over expiry, and both over disabling (which is the only reversible one)."""
         if self.revoke_time is not None:
             return KeyState.REVOKED
         if self.expire_time is not None and self.expire_time <= now:
             return KeyState.EXPIRED
+        if self.disable_time is not None:
+            return KeyState.DISABLED
         return KeyState.ACTIVE
 
 

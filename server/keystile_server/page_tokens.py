@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import json
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 from .errors import InvalidPageToken
 from .model import PageCursor
@@ -41,26 +41,52 @@ class PageTokenCodec:
     def _mac(self, payload: bytes) -> bytes:
         return hmac.new(self._key, payload, hashlib.sha256).digest()[:_MAC_BYTES]
 
-    def encode(self, cursor: PageCursor, *, owner_id: str, include_inactive: bool) -> str:
-        """A token for the page after ``cursor`` in this owner's listing with this filter."""
+    def encode(self, cursor: PageCursor, *, owner_id: str, include_inactive: bool, filters: str = "") -> str:
+        """A token for the page after ``cursor`` in this owner's listing with these filters."""
         payload = json.dumps(
-            {"o": owner_id, "a": include_inactive, "t": cursor.create_time.isoformat(), "k": cursor.id},
+            {
+                "o": owner_id,
+                "a": include_inactive,
+                "f": filters,
+                "t": cursor.create_time.isoformat(),
+                "k": cursor.id,
+            },
             separators=(",", ":"),
         ).encode("utf-8")
         return f"{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
 
-    def decode(self, token: str, *, owner_id: str, include_inactive: bool) -> PageCursor:
+    def encode_id(self, last_id: int, scope: str) -> str:
+        """A token for the page after the row numbered ``last_id`` in the listing ``scope`` names."""
+        payload = json.dumps({"s": scope, "i": last_id}, separators=(",", ":")).encode("utf-8")
+        return f"{_b64encode(payload)}.{_b64encode(self._mac(payload))}"
+
+    def decode_id(self, token: str, scope: str) -> int:
+        """The row number inside ``token``; InvalidPageToken unless it was issued for ``scope``."""
+        try:
+            fields = self._open(token)
+            if fields["s"] != scope or not isinstance(fields["i"], int):
+                raise InvalidPageToken()
+            return int(fields["i"])
+        except (ValueError, KeyError, TypeError, binascii.Error) as exc:
+            raise InvalidPageToken() from exc
+
+    def _open(self, token: str) -> dict[str, Any]:
+        """A token's signed fields (InvalidPageToken when it was altered or not ours)."""
+        payload_text, mac_text = token.split(".")
+        payload = _b64decode(payload_text)
+        # Compare canonical text, not decoded bytes: base64 tolerates edits to its padding bits,
+        # and a token that was edited at all should be refused.
+        expected = _b64encode(self._mac(payload))
+        if not hmac.compare_digest(expected, mac_text) or _b64encode(payload) != payload_text:
+            raise InvalidPageToken()
+        fields: dict[str, Any] = json.loads(payload)
+        return fields
+
+    def decode(self, token: str, *, owner_id: str, include_inactive: bool, filters: str = "") -> PageCursor:
         """The cursor inside ``token``; InvalidPageToken unless it was issued for this listing."""
         try:
-            payload_text, mac_text = token.split(".")
-            payload = _b64decode(payload_text)
-            # Compare canonical text, not decoded bytes: base64 tolerates edits to its padding bits,
-            # and a token that was edited at all should be refused.
-            expected = _b64encode(self._mac(payload))
-            if not hmac.compare_digest(expected, mac_text) or _b64encode(payload) != payload_text:
-                raise InvalidPageToken()
-            fields = json.loads(payload)
-            if fields["o"] != owner_id or fields["a"] is not include_inactive:
+            fields = self._open(token)
+            if fields["o"] != owner_id or fields["a"] is not include_inactive or fields["f"] != filters:
                 raise InvalidPageToken()
             create_time = datetime.fromisoformat(fields["t"])
             return PageCursor(create_time=create_time, id=str(fields["k"]))

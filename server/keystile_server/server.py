@@ -26,13 +26,14 @@ from .cache import VerificationCache
 from .connection_limits import FileDescriptorWatch, grpc_server_options, raise_open_file_limit
 from .database_health import DatabaseHealth
 from .embedded import EmbeddedPostgres
+from .errors import KeystileError
 from .gateway import GatewayConfig
 from .handlers import KeyServiceHandlers, add_to_server
 from .key_filter import KeyFilter
 from .metrics import ServerMetrics
 from .page_tokens import PageTokenCodec
 from .processes import STOP_SIGNALS, ignore_stop_signals
-from .service import CreatedKey, KeyService
+from .service import CreatedKey, KeyService, utc_now
 from .settings import Settings
 from .store import KeyStore, migrate
 from .store.connections import describe_database_error
@@ -47,6 +48,8 @@ KEY_SERVICE_NAME: Final = keys_pb2.DESCRIPTOR.services_by_name["KeyService"].ful
 _SERVING = health_pb2.HealthCheckResponse.SERVING
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
+RETENTION_INTERVAL: Final = 3600
+"""Seconds between purges of dead keys and old audit events (with --key/--audit-retention-days)."""
 _METRICS_SHUTDOWN: Final = 5.0
 """Seconds stop() waits for the /metrics server's thread before closing its socket anyway."""
 
@@ -302,9 +305,30 @@ class KeystileServer:
             housekeeping=self._housekeeping,
         )
         self._tasks.append(asyncio.create_task(self._database_health.run(), name="keystile-health"))
+        if self.settings.key_retention_days or self.settings.audit_retention_days:
+            self._tasks.append(asyncio.create_task(self._retention(), name="keystile-retention"))
         await self._set_serving(True)
         self._ready.set()
         _log.info("ready: database connected, serving")
+
+    async def _retention(self) -> None:
+        """Purge dead keys and old audit events at start, then every RETENTION_INTERVAL seconds.
+
+        Every worker runs it; concurrent purges skip each other's rows. A failure (the database
+        is down) is logged and retried at the next interval.
+        """
+        service = self._handlers.service
+        assert service is not None
+        keys, events = self.settings.key_retention_days, self.settings.audit_retention_days
+        while True:
+            try:
+                if keys:
+                    await service.lifecycle.purge(timedelta(days=keys))
+                if events:
+                    await service.audit.purge(timedelta(days=events), utc_now())
+            except KeystileError as exc:
+                _log.warning("retention: %s; trying again in %d s", exc.message, RETENTION_INTERVAL)
+            await asyncio.sleep(RETENTION_INTERVAL)
 
     def _key_changed(self, secret_hash: bytes, lag: float) -> None:
         assert self._cache is not None

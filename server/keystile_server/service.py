@@ -17,6 +17,7 @@ from typing import Any, Final
 
 from keystile._format import generate_key, hash_key, parse_key
 
+from .audit import AuditLog
 from .auth import (
     KEYS_READ,
     KEYS_VERIFY,
@@ -29,6 +30,7 @@ from .auth import (
 )
 from .cache import VerificationCache
 from .errors import AdminKeyExists, KeyNotFound, Unauthenticated
+from .lifecycle import KeyLifecycle
 from .limits.allowances import Allowances
 from .limits.credits import CreditBalances
 from .limits.policies import OwnerPolicies
@@ -37,6 +39,8 @@ from .metrics import ServerMetrics
 from .model import CreditTerms, KeyPage, KeyRecord, NewKey, PageCursor, VerifyResult
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
+from .store.audit_store import AuditStore
+from .store.lifecycle_store import LifecycleStore
 from .store.usage_store import UsageStore
 from .usage import UsageRecorder
 from .validation import (
@@ -47,7 +51,6 @@ from .validation import (
     check_owner_id,
     check_page_size,
     check_prefix,
-    check_reason,
     check_resources,
     check_scopes,
 )
@@ -55,6 +58,9 @@ from .verification import Verifier
 from .watch import KeyEventHub, Subscription
 
 BEARER = "bearer "
+MAX_HINT_LENGTH: Final = 64
+BOOTSTRAP: Final = "bootstrap"
+"""The creator (and audit actor) recorded for keys minted by `keystile bootstrap`."""
 DEFAULT_HEARTBEAT: Final = timedelta(seconds=5)
 MIN_HEARTBEAT: Final = timedelta(seconds=1)
 MAX_HEARTBEAT: Final = timedelta(seconds=60)
@@ -140,6 +146,13 @@ class KeyService:
         )
         """VerifyKey's domain, and the lookup behind every caller's authentication."""
         self.max_staleness = max_staleness
+        self.lifecycle = KeyLifecycle(
+            LifecycleStore(store.guard, on_query=store.count_query), store, cache, self.authenticate, utc_now
+        )
+        """UpdateKey, RollKey, RevokeKey, DeleteKey and the retention of dead keys."""
+        audit_store = AuditStore(store.guard, on_query=store.count_query)
+        self.audit = AuditLog(audit_store.list_events, audit_store.purge, self.authenticate, page_tokens)
+        """ListAuditEvents and the audit trail's retention."""
         # Kept only as a digest: compared in constant time, and never printable from this object.
         self._static_admin_digest = hash_key(static_admin_key) if static_admin_key else None
 
@@ -216,7 +229,7 @@ class KeyService:
                 limits=limits,
                 credits=credits,
             )
-        created_by = caller.key_id if caller is not None else "bootstrap"
+        created_by = caller.key_id if caller is not None else BOOTSTRAP
 
         secret = generate_key(prefix)
         parsed = parse_key(secret)
@@ -240,6 +253,7 @@ class KeyService:
             ),
             now=now,
             expiry_field="ttl" if spec.ttl is not None else "expire_time",
+            actor=created_by,
         )
         self._cache.stored(record.secret_hash)
         _log.info("key created id=%s owner=%s hint=%s by=%s", record.id, owner_id, parsed.hint, created_by)
@@ -265,22 +279,39 @@ class KeyService:
         return await self._store.get_key(key_id, owner_id=owner_id) is not None
 
     async def list_keys(
-        self, owner_id: str, *, page_size: int, page_token: str, include_inactive: bool, authorization: str
+        self,
+        owner_id: str,
+        *,
+        page_size: int,
+        page_token: str,
+        include_inactive: bool,
+        authorization: str,
+        created_by: str = "",
+        secret_hint: str = "",
     ) -> KeyPage:
-        """One page of an owner's keys, newest first, and the token for the next page."""
+        """One page of keys, newest first, and the token for the next page.
+
+        ``owner_id`` is required, except that an admin may leave it empty to list every owner's
+        keys; ``created_by`` and ``secret_hint`` narrow the listing (a leaked key's hint, from a
+        log line, finds it).
+        """
         caller = await self.authenticate(authorization)
         require_scope(caller, KEYS_READ)
         errors = Violations()
-        check_owner_id(owner_id, errors)
+        if owner_id or not caller.is_admin:
+            check_owner_id(owner_id, errors)
         limit = check_page_size(page_size, errors)
+        if created_by and created_by not in (BOOTSTRAP, STATIC_ADMIN_ID):
+            # A string that is no key id matches no key: an empty page, as an unknown id gives.
+            created_by = check_key_id(created_by, errors, "created_by") or created_by
+        if len(secret_hint) > MAX_HINT_LENGTH or not secret_hint.isprintable():
+            errors.add("secret_hint", f"must be at most {MAX_HINT_LENGTH} printable characters")
         errors.raise_if_any()
         require_owner(caller, owner_id)
-        _log.debug("keys listed owner=%s by=%s", owner_id, caller.key_id)
-        after = (
-            self._page_tokens.decode(page_token, owner_id=owner_id, include_inactive=include_inactive)
-            if page_token
-            else None
-        )
+        _log.debug("keys listed owner=%s by=%s", owner_id or "*", caller.key_id)
+        filters = f"{created_by}|{secret_hint}"
+        tokens = {"owner_id": owner_id, "include_inactive": include_inactive, "filters": filters}
+        after = self._page_tokens.decode(page_token, **tokens) if page_token else None  # type: ignore[arg-type]
         # One extra row tells whether another page exists without a second query.
         rows = await self._store.list_keys(
             owner_id,
@@ -288,36 +319,16 @@ class KeyService:
             after=after,
             limit=limit + 1,
             tenant=not caller.is_admin,
+            created_by=created_by,
+            secret_hint=secret_hint,
         )
         keys, more = rows[:limit], len(rows) > limit
         token = ""
         if more:
             last = keys[-1]
-            token = self._page_tokens.encode(
-                PageCursor(create_time=last.create_time, id=last.id),
-                owner_id=owner_id,
-                include_inactive=include_inactive,
-            )
+            cursor = PageCursor(create_time=last.create_time, id=last.id)
+            token = self._page_tokens.encode(cursor, **tokens)  # type: ignore[arg-type]
         return KeyPage(keys=keys, next_page_token=token)
-
-    async def revoke_key(self, key_id: str, reason: str, *, authorization: str) -> KeyRecord:
-        """Revoke a key; revoking it again succeeds and keeps the first time and reason."""
-        caller = await self.authenticate(authorization)
-        require_scope(caller, KEYS_WRITE)
-        errors = Violations()
-        canonical = check_key_id(key_id, errors)
-        clean_reason = check_reason(reason, errors)
-        errors.raise_if_any()
-        # The owner condition is part of the UPDATE, so another owner's key is never touched.
-        owner = None if caller.is_admin else caller.owner_id
-        record = await self._store.revoke_key(canonical, clean_reason, owner_id=owner) if canonical else None
-        if record is None:
-            raise KeyNotFound()
-        # The NOTIFY reaches every process within milliseconds; evicting here as well means this
-        # process refuses the key before RevokeKey even returns.
-        self._cache.invalidate(record.secret_hash)
-        _log.info("key revoked id=%s owner=%s by=%s", record.id, record.owner_id, caller.key_id)
-        return record
 
     async def watch_key_events(
         self, heartbeat_interval: timedelta | None, *, authorization: str = ""
@@ -348,4 +359,5 @@ _AUTH_FAILURES = {
     VerifyResult.NOT_FOUND: "CREDENTIALS_UNKNOWN",
     VerifyResult.REVOKED: "CREDENTIALS_REVOKED",
     VerifyResult.EXPIRED: "CREDENTIALS_EXPIRED",
+    VerifyResult.DISABLED: "CREDENTIALS_DISABLED",
 }

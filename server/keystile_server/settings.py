@@ -331,6 +331,20 @@ OPTIONS: Final = (
         "gateways: remove the header that carried the key before the request goes upstream",
         "on|off",
     ),
+    Option(
+        "key_retention_days",
+        _non_negative_int,
+        0,
+        "delete keys revoked or expired more than this many days ago (hourly; audit events stay); 0: keep",
+        "DAYS",
+    ),
+    Option(
+        "audit_retention_days",
+        _non_negative_int,
+        0,
+        "delete audit events older than this many days (hourly); 0: keep them all",
+        "DAYS",
+    ),
 )
 
 
@@ -375,6 +389,8 @@ class Settings:
     auth_key_query: str = ""
     auth_header_prefix: str = "x-keystile-"
     auth_strip_credential: bool = True
+    key_retention_days: int = 0
+    audit_retention_days: int = 0
 
     def __post_init__(self) -> None:
         if self.pool_min_size > self.pool_max_size:

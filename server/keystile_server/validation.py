@@ -68,15 +68,15 @@ def check_owner_id(owner_id: str, errors: Violations, field: str = "owner_id") -
     return owner_id
 
 
-def check_name(name: str, errors: Violations) -> str:
+def check_name(name: str, errors: Violations, field: str = "name") -> str:
     """A name is trimmed, then 1-200 characters without control characters."""
     trimmed = name.strip()
     if not trimmed:
-        errors.add("name", "is required")
+        errors.add(field, "is required")
     elif len(trimmed) > MAX_NAME_LENGTH:
-        errors.add("name", f"must be at most {MAX_NAME_LENGTH} characters")
+        errors.add(field, f"must be at most {MAX_NAME_LENGTH} characters")
     elif has_control_characters(trimmed):
-        errors.add("name", "must not contain control characters")
+        errors.add(field, "must not contain control characters")
     return trimmed
 
 
@@ -116,13 +116,15 @@ def check_resource(resource: str, errors: Violations, field: str) -> str:
     return resource
 
 
-def check_resources(resources: Iterable[str], errors: Violations) -> tuple[str, ...]:
+def check_resources(
+    resources: Iterable[str], errors: Violations, field: str = "resources"
+) -> tuple[str, ...]:
     """At most 256 distinct, well-formed resources; empty means unrestricted."""
     unique = _dedupe(resources)
     for index, resource in enumerate(unique):
-        check_resource(resource, errors, f"resources[{index}]")
+        check_resource(resource, errors, f"{field}[{index}]")
     if len(unique) > MAX_RESOURCES:
-        errors.add("resources", f"at most {MAX_RESOURCES} resources are allowed")
+        errors.add(field, f"at most {MAX_RESOURCES} resources are allowed")
     return unique
 
 
@@ -135,17 +137,17 @@ def check_prefix(prefix: str, default: str, errors: Violations) -> str:
     return prefix
 
 
-def check_metadata(metadata: dict[str, Any], errors: Violations) -> dict[str, Any]:
+def check_metadata(metadata: dict[str, Any], errors: Violations, field: str = "metadata") -> dict[str, Any]:
     """Metadata is at most 8 KiB as compact JSON, which is also how it is stored."""
     try:
         encoded = json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except ValueError:
-        errors.add("metadata", "must not contain NaN or infinite numbers")
+        errors.add(field, "must not contain NaN or infinite numbers")
         return metadata
     if len(encoded.encode("utf-8")) > MAX_METADATA_BYTES:
-        errors.add("metadata", f"must be at most {MAX_METADATA_BYTES} bytes serialized as JSON")
+        errors.add(field, f"must be at most {MAX_METADATA_BYTES} bytes serialized as JSON")
     elif _holds_nul(metadata):  # PostgreSQL's jsonb, like its text, cannot hold U+0000
-        errors.add("metadata", "must not contain the NUL character (U+0000)")
+        errors.add(field, "must not contain the NUL character (U+0000)")
     return metadata
 
 
@@ -179,17 +181,17 @@ def check_page_size(page_size: int, errors: Violations) -> int:
     return page_size
 
 
-def check_key_id(key_id: str, errors: Violations) -> str | None:
+def check_key_id(key_id: str, errors: Violations, field: str = "id") -> str | None:
     """Return the canonical id, or None for a string that cannot name any key.
 
     Ids are opaque to clients, so a malformed one is simply unknown (NOT_FOUND), not a bad
     request; only a missing or absurdly long one is rejected as invalid.
     """
     if not key_id:
-        errors.add("id", "is required")
+        errors.add(field, "is required")
         return None
     if len(key_id) > MAX_ID_LENGTH:
-        errors.add("id", f"must be at most {MAX_ID_LENGTH} characters")
+        errors.add(field, f"must be at most {MAX_ID_LENGTH} characters")
         return None
     try:
         return str(uuid.UUID(key_id))

@@ -93,6 +93,8 @@ def judge(record: KeyRecord, required: Sequence[str], resource: str, now: dateti
         return VerifyResult.REVOKED
     if state is KeyState.EXPIRED:
         return VerifyResult.EXPIRED
+    if state is KeyState.DISABLED:
+        return VerifyResult.DISABLED
     if required and not all(scope_covers(record.scopes, scope) for scope in required):
         return VerifyResult.INSUFFICIENT_SCOPE
     if resource and record.resources and resource not in record.resources:

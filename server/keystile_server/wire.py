@@ -6,13 +6,16 @@ Shared by every gRPC surface module (``handlers``, ``limit_handlers``); no rule 
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 from google.protobuf import duration_pb2, timestamp_pb2
 from google.protobuf.message import DecodeError, Message
 
-from .errors import violation_error
+from .errors import StoreUnavailable, violation_error
+
+if TYPE_CHECKING:
+    from .service import KeyService
 
 M = TypeVar("M", bound=Message)
 
@@ -58,3 +61,15 @@ def authorization(context: grpc.aio.ServicerContext[Any, Any]) -> str:
         if key == "authorization" and isinstance(value, str):
             return value
     return ""
+
+
+class ServiceAccess:
+    """What every servicer part shares: the domain service, once the database is connected."""
+
+    service: KeyService | None
+
+    def _service(self) -> KeyService:
+        """The domain service; UNAVAILABLE until the server has connected to the database."""
+        if self.service is None:
+            raise StoreUnavailable()
+        return self.service

@@ -6,6 +6,7 @@ keystile.v1 is the API-key service: management of keys and verification of prese
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import duration_pb2 as _duration_pb2
+from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -36,6 +37,8 @@ class _KeyStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KeyState.Val
     """KEY_STATE_REVOKED is a key that was revoked; revocation wins over expiry."""
     KEY_STATE_EXPIRED: _KeyState.ValueType  # 3
     """KEY_STATE_EXPIRED is a key whose expire_time has passed."""
+    KEY_STATE_DISABLED: _KeyState.ValueType  # 4
+    """KEY_STATE_DISABLED is a key switched off by UpdateKey (disabled); switching it back on makes it active again."""
 
 class KeyState(_KeyState, metaclass=_KeyStateEnumTypeWrapper):
     """KeyState is a key's lifecycle state, computed when the key is read."""
@@ -48,6 +51,8 @@ KEY_STATE_REVOKED: KeyState.ValueType  # 2
 """KEY_STATE_REVOKED is a key that was revoked; revocation wins over expiry."""
 KEY_STATE_EXPIRED: KeyState.ValueType  # 3
 """KEY_STATE_EXPIRED is a key whose expire_time has passed."""
+KEY_STATE_DISABLED: KeyState.ValueType  # 4
+"""KEY_STATE_DISABLED is a key switched off by UpdateKey (disabled); switching it back on makes it active again."""
 Global___KeyState: _TypeAlias = KeyState  # noqa: Y015
 
 class _VerifyResult:
@@ -76,6 +81,8 @@ class _VerifyResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerifyRe
     """VERIFY_RESULT_RATE_LIMITED means one of the key's (or its owner's) rate limits is exhausted for now."""
     VERIFY_RESULT_USAGE_EXCEEDED: _VerifyResult.ValueType  # 9
     """VERIFY_RESULT_USAGE_EXCEEDED means the key has no credits left for the request's cost."""
+    VERIFY_RESULT_DISABLED: _VerifyResult.ValueType  # 10
+    """VERIFY_RESULT_DISABLED means the key is disabled (reversibly); checked after revocation and expiry."""
 
 class VerifyResult(_VerifyResult, metaclass=_VerifyResultEnumTypeWrapper):
     """VerifyResult is the answer to a VerifyKey call; only VERIFY_RESULT_VALID grants access."""
@@ -100,6 +107,8 @@ VERIFY_RESULT_RATE_LIMITED: VerifyResult.ValueType  # 8
 """VERIFY_RESULT_RATE_LIMITED means one of the key's (or its owner's) rate limits is exhausted for now."""
 VERIFY_RESULT_USAGE_EXCEEDED: VerifyResult.ValueType  # 9
 """VERIFY_RESULT_USAGE_EXCEEDED means the key has no credits left for the request's cost."""
+VERIFY_RESULT_DISABLED: VerifyResult.ValueType  # 10
+"""VERIFY_RESULT_DISABLED means the key is disabled (reversibly); checked after revocation and expiry."""
 Global___VerifyResult: _TypeAlias = VerifyResult  # noqa: Y015
 
 class _CreditRefill:
@@ -362,6 +371,9 @@ class Key(_message.Message):
     CREATED_BY_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     CREDITS_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
+    REPLACED_BY_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the key's opaque, stable, non-secret identifier."""
     owner_id: _builtins.str
@@ -380,6 +392,12 @@ class Key(_message.Message):
     """revoke_reason is the reason given when the key was revoked."""
     created_by: _builtins.str
     """created_by is the id of the key that created this key, when the caller was authenticated."""
+    disabled: _builtins.bool
+    """disabled is true while the key is switched off (UpdateKey); a disabled key verifies as VERIFY_RESULT_DISABLED."""
+    replaces: _builtins.str
+    """replaces is the id of the key this one was rolled from (RollKey), if any."""
+    replaced_by: _builtins.str
+    """replaced_by is the id of the key this one was rolled into (RollKey), if any."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """scopes are the permissions the key grants, such as "jobs:read", "jobs:*" or "admin"."""
@@ -437,10 +455,13 @@ class Key(_message.Message):
         created_by: _builtins.str = ...,
         limits: _abc.Iterable[Global___RateLimit] | None = ...,
         credits: Global___Credits | None = ...,
+        disabled: _builtins.bool = ...,
+        replaces: _builtins.str = ...,
+        replaced_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "credits", b"credits", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "metadata", b"metadata", "revoke_time", b"revoke_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "credits", b"credits", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "limits", b"limits", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "scopes", b"scopes", "secret_hint", b"secret_hint", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "created_by", b"created_by", "credits", b"credits", "disabled", b"disabled", "expire_time", b"expire_time", "id", b"id", "last_used_time", b"last_used_time", "limits", b"limits", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "replaced_by", b"replaced_by", "replaces", b"replaces", "resources", b"resources", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "scopes", b"scopes", "secret_hint", b"secret_hint", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -608,14 +629,20 @@ class ListKeysRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     INCLUDE_INACTIVE_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    SECRET_HINT_FIELD_NUMBER: _builtins.int
     owner_id: _builtins.str
-    """owner_id is required: whose keys to list."""
+    """owner_id is whose keys to list; required, except that an admin may leave it empty to list every owner's keys."""
     page_size: _builtins.int
     """page_size is the maximum number of keys to return: default 50, at most 500."""
     page_token: _builtins.str
     """page_token is the next_page_token of the previous page, with otherwise identical parameters."""
     include_inactive: _builtins.bool
     """include_inactive also lists revoked and expired keys."""
+    created_by: _builtins.str
+    """created_by, when set, lists only keys created by the key with this id."""
+    secret_hint: _builtins.str
+    """secret_hint, when set, lists only keys with this exact hint (what a leaked key shows in a log line)."""
     def __init__(
         self,
         *,
@@ -623,10 +650,12 @@ class ListKeysRequest(_message.Message):
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
         include_inactive: _builtins.bool = ...,
+        created_by: _builtins.str = ...,
+        secret_hint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_inactive", b"include_inactive", "owner_id", b"owner_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_by", b"created_by", "include_inactive", b"include_inactive", "owner_id", b"owner_id", "page_size", b"page_size", "page_token", b"page_token", "secret_hint", b"secret_hint"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -668,19 +697,23 @@ class RevokeKeyRequest(_message.Message):
 
     ID_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    CASCADE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """id is the key's id."""
     reason: _builtins.str
     """reason is an optional note of why, at most 500 characters."""
+    cascade: _builtins.bool
+    """cascade also revokes, in the same transaction, every key this key created, and the keys those created, and so on."""
     def __init__(
         self,
         *,
         id: _builtins.str = ...,
         reason: _builtins.str = ...,
+        cascade: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cascade", b"cascade", "id", b"id", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -693,18 +726,24 @@ class RevokeKeyResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     KEY_FIELD_NUMBER: _builtins.int
+    CASCADED_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def key(self) -> Global___Key:
         """key is the key after revocation, with its first revoke_time and reason."""
+
+    @_builtins.property
+    def cascaded_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """cascaded_ids are the ids of the keys a cascade revoked besides key (already revoked ones excluded)."""
 
     def __init__(
         self,
         *,
         key: Global___Key | None = ...,
+        cascaded_ids: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cascaded_ids", b"cascaded_ids", "key", b"key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1088,3 +1127,320 @@ class UpdateCreditsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UpdateCreditsResponse: _TypeAlias = UpdateCreditsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateKeyRequest(_message.Message):
+    """UpdateKeyRequest changes some fields of a key (AIP-134)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """key carries the key's id and the new values of the fields named in update_mask."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """update_mask names the fields to change: name, scopes, resources, metadata, expire_time, limits, disabled."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___Key | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyRequest: _TypeAlias = UpdateKeyRequest  # noqa: Y015
+
+@_typing.final
+class UpdateKeyResponse(_message.Message):
+    """UpdateKeyResponse carries the key after the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """key is the key as stored after the change."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateKeyResponse: _TypeAlias = UpdateKeyResponse  # noqa: Y015
+
+@_typing.final
+class RollKeyRequest(_message.Message):
+    """RollKeyRequest names the key whose secret to replace."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    GRACE_PERIOD_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """id is the key's id; the key must be neither revoked, expired nor already rolled."""
+    @_builtins.property
+    def grace_period(self) -> _duration_pb2.Duration:
+        """grace_period is how long the old secret keeps working; unset or zero: it stops at once; at most 30 days."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        grace_period: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grace_period", b"grace_period", "id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollKeyRequest: _TypeAlias = RollKeyRequest  # noqa: Y015
+
+@_typing.final
+class RollKeyResponse(_message.Message):
+    """RollKeyResponse carries the new key, its secret (this once) and the old key."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEY_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    REPLACED_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """secret is the new key's full secret; this is the only time it is ever returned."""
+    @_builtins.property
+    def key(self) -> Global___Key:
+        """key is the new key: the old key's grant under a new id and secret."""
+
+    @_builtins.property
+    def replaced(self) -> Global___Key:
+        """replaced is the old key, now expiring at the end of the grace period."""
+
+    def __init__(
+        self,
+        *,
+        key: Global___Key | None = ...,
+        secret: _builtins.str = ...,
+        replaced: Global___Key | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "replaced", b"replaced"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "replaced", b"replaced", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RollKeyResponse: _TypeAlias = RollKeyResponse  # noqa: Y015
+
+@_typing.final
+class DeleteKeyRequest(_message.Message):
+    """DeleteKeyRequest names the key to delete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """id is the key's id; the key must be revoked or expired."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteKeyRequest: _TypeAlias = DeleteKeyRequest  # noqa: Y015
+
+@_typing.final
+class DeleteKeyResponse(_message.Message):
+    """DeleteKeyResponse is empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteKeyResponse: _TypeAlias = DeleteKeyResponse  # noqa: Y015
+
+@_typing.final
+class FieldChange(_message.Message):
+    """FieldChange is one field a management action changed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FIELD_FIELD_NUMBER: _builtins.int
+    OLD_VALUE_FIELD_NUMBER: _builtins.int
+    NEW_VALUE_FIELD_NUMBER: _builtins.int
+    field: _builtins.str
+    """field is the field's name, as in Key."""
+    @_builtins.property
+    def old_value(self) -> _struct_pb2.Value:
+        """old_value is the value before the change (null when there was none); never a secret or a hash."""
+
+    @_builtins.property
+    def new_value(self) -> _struct_pb2.Value:
+        """new_value is the value after the change (null when there is none); never a secret or a hash."""
+
+    def __init__(
+        self,
+        *,
+        field: _builtins.str = ...,
+        old_value: _struct_pb2.Value | None = ...,
+        new_value: _struct_pb2.Value | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["new_value", b"new_value", "old_value", b"old_value"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["field", b"field", "new_value", b"new_value", "old_value", b"old_value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FieldChange: _TypeAlias = FieldChange  # noqa: Y015
+
+@_typing.final
+class AuditEvent(_message.Message):
+    """AuditEvent is one management action, recorded in the same transaction as the change."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    EVENT_TIME_FIELD_NUMBER: _builtins.int
+    ACTION_FIELD_NUMBER: _builtins.int
+    ACTOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    CHANGES_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """id orders events: a later event has a greater id."""
+    action: _builtins.str
+    """action is what was done: key.create, key.update, key.roll, key.disable, key.enable, key.revoke, key.delete, key.import, policy.set, policy.delete, credits.update."""
+    actor_key_id: _builtins.str
+    """actor_key_id is the id of the caller's key ("static-admin" for KEYSTILE_ADMIN_KEY, "bootstrap", "retention")."""
+    key_id: _builtins.str
+    """key_id is the key acted on, if any."""
+    owner_id: _builtins.str
+    """owner_id is the owner of the key or policy acted on."""
+    @_builtins.property
+    def event_time(self) -> _timestamp_pb2.Timestamp:
+        """event_time is when the action was committed."""
+
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___FieldChange]:
+        """changes are the fields the action changed, with their old and new values."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        event_time: _timestamp_pb2.Timestamp | None = ...,
+        action: _builtins.str = ...,
+        actor_key_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        owner_id: _builtins.str = ...,
+        changes: _abc.Iterable[Global___FieldChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["event_time", b"event_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "actor_key_id", b"actor_key_id", "changes", b"changes", "event_time", b"event_time", "id", b"id", "key_id", b"key_id", "owner_id", b"owner_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuditEvent: _TypeAlias = AuditEvent  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsRequest(_message.Message):
+    """ListAuditEventsRequest selects one page of audit events; every filter set must match."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    KEY_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_KEY_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    owner_id: _builtins.str
+    """owner_id filters by the owner acted on; a keys:read (non-admin) caller may only name its own, and gets it when empty."""
+    key_id: _builtins.str
+    """key_id filters by the key acted on."""
+    actor_key_id: _builtins.str
+    """actor_key_id filters by the caller's key."""
+    page_size: _builtins.int
+    """page_size is the maximum number of events to return: default 50, at most 500."""
+    page_token: _builtins.str
+    """page_token is the next_page_token of the previous page, with otherwise identical parameters."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """start_time, when set, excludes events before it."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """end_time, when set, excludes events at or after it."""
+
+    def __init__(
+        self,
+        *,
+        owner_id: _builtins.str = ...,
+        key_id: _builtins.str = ...,
+        actor_key_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_key_id", b"actor_key_id", "end_time", b"end_time", "key_id", b"key_id", "owner_id", b"owner_id", "page_size", b"page_size", "page_token", b"page_token", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsRequest: _TypeAlias = ListAuditEventsRequest  # noqa: Y015
+
+@_typing.final
+class ListAuditEventsResponse(_message.Message):
+    """ListAuditEventsResponse carries one page of events."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """next_page_token fetches the next page; empty when this is the last page."""
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuditEvent]:
+        """events are newest first."""
+
+    def __init__(
+        self,
+        *,
+        events: _abc.Iterable[Global___AuditEvent] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["events", b"events", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015

@@ -90,6 +90,26 @@ class KeyServiceStub:
                 request_serializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsRequest.SerializeToString,
                 response_deserializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsResponse.FromString,
                 _registered_method=True)
+        self.UpdateKey = channel.unary_unary(
+                '/keystile.v1.KeyService/UpdateKey',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.UpdateKeyRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.UpdateKeyResponse.FromString,
+                _registered_method=True)
+        self.RollKey = channel.unary_unary(
+                '/keystile.v1.KeyService/RollKey',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.RollKeyRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.RollKeyResponse.FromString,
+                _registered_method=True)
+        self.DeleteKey = channel.unary_unary(
+                '/keystile.v1.KeyService/DeleteKey',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.DeleteKeyRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.DeleteKeyResponse.FromString,
+                _registered_method=True)
+        self.ListAuditEvents = channel.unary_unary(
+                '/keystile.v1.KeyService/ListAuditEvents',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -173,6 +193,34 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateKey(self, request, context):
+        """UpdateKey changes the fields named by update_mask; every server cache and caching client sees the change at once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollKey(self, request, context):
+        """RollKey mints a new secret for a key's grant; the old secret keeps working for the grace period only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteKey(self, request, context):
+        """DeleteKey removes a revoked or expired key for good; its audit events are kept.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAuditEvents(self, request, context):
+        """ListAuditEvents returns management events, newest first: admins see all, keys:read callers their own owner's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -230,6 +278,26 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.UpdateCredits,
                     request_deserializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsRequest.FromString,
                     response_serializer=keystile_dot_v1_dot_keys__pb2.UpdateCreditsResponse.SerializeToString,
+            ),
+            'UpdateKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateKey,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.UpdateKeyRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.UpdateKeyResponse.SerializeToString,
+            ),
+            'RollKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollKey,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.RollKeyRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.RollKeyResponse.SerializeToString,
+            ),
+            'DeleteKey': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteKey,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.DeleteKeyRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.DeleteKeyResponse.SerializeToString,
+            ),
+            'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAuditEvents,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -530,6 +598,114 @@ class KeyService:
             '/keystile.v1.KeyService/UpdateCredits',
             keystile_dot_v1_dot_keys__pb2.UpdateCreditsRequest.SerializeToString,
             keystile_dot_v1_dot_keys__pb2.UpdateCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/UpdateKey',
+            keystile_dot_v1_dot_keys__pb2.UpdateKeyRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.UpdateKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/RollKey',
+            keystile_dot_v1_dot_keys__pb2.RollKeyRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.RollKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteKey(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/DeleteKey',
+            keystile_dot_v1_dot_keys__pb2.DeleteKeyRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.DeleteKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAuditEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/ListAuditEvents',
+            keystile_dot_v1_dot_keys__pb2.ListAuditEventsRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.ListAuditEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,

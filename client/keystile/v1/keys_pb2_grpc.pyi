@@ -55,6 +55,14 @@ class KeyServiceStub:
     """GetCredits reads a key's credit balance; admins, or keys:read callers for their own owner's keys."""
     UpdateCredits: _grpc.UnaryUnaryMultiCallable[_keys_pb2.UpdateCreditsRequest, _keys_pb2.UpdateCreditsResponse]
     """UpdateCredits sets or adds to a key's credit balance; admin only."""
+    UpdateKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyRequest, _keys_pb2.UpdateKeyResponse]
+    """UpdateKey changes the fields named by update_mask; every server cache and caching client sees the change at once."""
+    RollKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.RollKeyRequest, _keys_pb2.RollKeyResponse]
+    """RollKey mints a new secret for a key's grant; the old secret keeps working for the grace period only."""
+    DeleteKey: _grpc.UnaryUnaryMultiCallable[_keys_pb2.DeleteKeyRequest, _keys_pb2.DeleteKeyResponse]
+    """DeleteKey removes a revoked or expired key for good; its audit events are kept."""
+    ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ListAuditEventsRequest, _keys_pb2.ListAuditEventsResponse]
+    """ListAuditEvents returns management events, newest first: admins see all, keys:read callers their own owner's."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -83,6 +91,14 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """GetCredits reads a key's credit balance; admins, or keys:read callers for their own owner's keys."""
     UpdateCredits: _aio.UnaryUnaryMultiCallable[_keys_pb2.UpdateCreditsRequest, _keys_pb2.UpdateCreditsResponse]  # type: ignore[assignment]
     """UpdateCredits sets or adds to a key's credit balance; admin only."""
+    UpdateKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.UpdateKeyRequest, _keys_pb2.UpdateKeyResponse]  # type: ignore[assignment]
+    """UpdateKey changes the fields named by update_mask; every server cache and caching client sees the change at once."""
+    RollKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.RollKeyRequest, _keys_pb2.RollKeyResponse]  # type: ignore[assignment]
+    """RollKey mints a new secret for a key's grant; the old secret keeps working for the grace period only."""
+    DeleteKey: _aio.UnaryUnaryMultiCallable[_keys_pb2.DeleteKeyRequest, _keys_pb2.DeleteKeyResponse]  # type: ignore[assignment]
+    """DeleteKey removes a revoked or expired key for good; its audit events are kept."""
+    ListAuditEvents: _aio.UnaryUnaryMultiCallable[_keys_pb2.ListAuditEventsRequest, _keys_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
+    """ListAuditEvents returns management events, newest first: admins see all, keys:read callers their own owner's."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService creates, lists and revokes API keys, and answers whether a presented key may act."""
@@ -174,5 +190,37 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.UpdateCreditsResponse, _abc.Awaitable[_keys_pb2.UpdateCreditsResponse]]:
         """UpdateCredits sets or adds to a key's credit balance; admin only."""
+
+    @_abc_1.abstractmethod
+    def UpdateKey(
+        self,
+        request: _keys_pb2.UpdateKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.UpdateKeyResponse, _abc.Awaitable[_keys_pb2.UpdateKeyResponse]]:
+        """UpdateKey changes the fields named by update_mask; every server cache and caching client sees the change at once."""
+
+    @_abc_1.abstractmethod
+    def RollKey(
+        self,
+        request: _keys_pb2.RollKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.RollKeyResponse, _abc.Awaitable[_keys_pb2.RollKeyResponse]]:
+        """RollKey mints a new secret for a key's grant; the old secret keeps working for the grace period only."""
+
+    @_abc_1.abstractmethod
+    def DeleteKey(
+        self,
+        request: _keys_pb2.DeleteKeyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.DeleteKeyResponse, _abc.Awaitable[_keys_pb2.DeleteKeyResponse]]:
+        """DeleteKey removes a revoked or expired key for good; its audit events are kept."""
+
+    @_abc_1.abstractmethod
+    def ListAuditEvents(
+        self,
+        request: _keys_pb2.ListAuditEventsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.ListAuditEventsResponse, _abc.Awaitable[_keys_pb2.ListAuditEventsResponse]]:
+        """ListAuditEvents returns management events, newest first: admins see all, keys:read callers their own owner's."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -330,7 +330,7 @@ class Allowances:
             counters.names,
             counters.caps,
             counters.windows_ms,
-            credit_key=record.id if counters.credits else None,
+            credit_key=record.grant if counters.credits else None,
             want=want,
             need=need,
             periods=periods,

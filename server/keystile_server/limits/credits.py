@@ -63,7 +63,9 @@ class CreditBalances:
         if canonical is None:
             raise KeyNotFound()
         try:
-            credits = await self._store.update_credits(canonical, set_to=set_to, add=add or 0)
+            credits = await self._store.update_credits(
+                canonical, set_to=set_to, add=add or 0, actor=caller.key_id
+            )
         except NoCredits:
             if not await self._key_exists(canonical, None):
                 raise KeyNotFound() from None

@@ -59,7 +59,7 @@ class OwnerPolicies:
         checked = check_limits(limits, errors, field="policy.limits")
         errors.raise_if_any()
         policy = await self._store.set_policy(
-            OwnerPolicy(owner_id, max_active_keys, max_key_lifetime, checked)
+            OwnerPolicy(owner_id, max_active_keys, max_key_lifetime, checked), actor=caller.key_id
         )
         _log.info("owner policy set owner=%s by=%s", owner_id, caller.key_id)
         return policy
@@ -84,5 +84,5 @@ class OwnerPolicies:
         errors = Violations()
         check_owner_id(owner_id, errors)
         errors.raise_if_any()
-        await self._store.delete_policy(owner_id)
+        await self._store.delete_policy(owner_id, actor=caller.key_id)
         _log.info("owner policy deleted owner=%s by=%s", owner_id, caller.key_id)

@@ -138,7 +138,7 @@ def counters_of(record: KeyRecord) -> Counters:
     A counter's name carries the window, so that a limit whose window changes starts afresh
     instead of reading slots of another size.
     """
-    own = [(f"k:{record.id}:{limit.name}:{limit.window_ms}", limit, False) for limit in record.limits]
+    own = [(f"k:{record.grant}:{limit.name}:{limit.window_ms}", limit, False) for limit in record.limits]
     shared = [
         (f"o:{record.owner_id}:{limit.name}:{limit.window_ms}", limit, True) for limit in record.owner_limits
     ]

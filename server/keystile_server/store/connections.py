@@ -315,3 +315,16 @@ class _DeadConnection(Exception):
         super().__init__(cause)
         self.cause = cause
         self.slow = slow
+
+
+class GuardedStore:
+    """Base of the stores that share ``KeyStore``'s guarded pool and its statement counter."""
+
+    def __init__(self, guard: GuardedPool, *, on_query: Callable[[str], None]) -> None:
+        self._guard = guard
+        self._on_query = on_query
+
+    async def _run(self, operation: str, query: Query[T], *, read: bool) -> T:
+        """Count and run one statement (or transaction); reads are retried once on a dead connection."""
+        self._on_query(operation)
+        return await self._guard.run(operation, query, retry=read)

@@ -12,8 +12,10 @@ from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
+from ..audit import key_entry
 from ..errors import violation_error
 from ..model import KeyRecord, NewKey, PageCursor
+from .audit_store import insert_audit
 from .connections import GuardedPool, Query, bounded_conninfo
 from .usage_store import (
     credit_terms_from_json,
@@ -26,10 +28,10 @@ from .usage_store import (
 
 T = TypeVar("T")
 
-_COLUMNS: Final = (
+KEY_COLUMNS: Final = (
     "id, owner_id, name, prefix, secret_hint, scopes, resources, metadata, rate_limit_per_minute, "
     "create_time, expire_time, revoke_time, revoke_reason, last_used_time, created_by, secret_hash, "
-    "limits, credit_terms"
+    "limits, credit_terms, disable_time, replaces, replaced_by, grant_id"
 )
 
 _INSERT: Final = f"""
@@ -38,18 +40,18 @@ _INSERT: Final = f"""
     VALUES (%(id)s, %(owner_id)s, %(name)s, %(prefix)s, %(secret_hash)s, %(secret_hint)s, %(scopes)s,
             %(resources)s, %(metadata)s, %(rate_limit_per_minute)s, %(expire_time)s, %(created_by)s,
             %(limits)s, %(credit_terms)s)
-    RETURNING {_COLUMNS}
+    RETURNING {KEY_COLUMNS}
 """
 # What a tenant (a non-admin caller) can reach: its owner's keys, except keys granting admin.
 # Keys that administer keystile are out of every tenant's reach, whatever their owner (the
 # bootstrap keys' owner is "admin", and nothing stops a tenant of that name from existing).
-_TENANT_REACH: Final = "owner_id = %(owner_id)s AND NOT ('admin' = ANY(scopes))"
-_BY_ID: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %(id)s"
-_BY_ID_OWNED: Final = f"SELECT {_COLUMNS} FROM keystile.keys WHERE id = %(id)s AND {_TENANT_REACH}"
+TENANT_REACH: Final = "owner_id = %(owner_id)s AND NOT ('admin' = ANY(scopes))"
+_BY_ID: Final = f"SELECT {KEY_COLUMNS} FROM keystile.keys WHERE id = %(id)s"
+_BY_ID_OWNED: Final = f"SELECT {KEY_COLUMNS} FROM keystile.keys WHERE id = %(id)s AND {TENANT_REACH}"
 # One statement for a whole batch of cache misses: ~10x the lookups/s of one query per key. The
 # owner's shared limits come along: a verification spends them too.
 _BY_HASHES: Final = f"""
-    SELECT {_COLUMNS}, p.shared_limits
+    SELECT {KEY_COLUMNS}, p.shared_limits
       FROM keystile.keys LEFT JOIN keystile.owner_policies AS p USING (owner_id)
      WHERE secret_hash = ANY(%s)
 """
@@ -62,14 +64,6 @@ _HASH_PAGE: Final = """
              WHERE secret_hash > %s ORDER BY secret_hash LIMIT %s) AS page
 """
 
-# Revoking twice keeps the first time and reason: SET expressions see the row's old values.
-_REVOKE_SET: Final = """
-    UPDATE keystile.keys
-       SET revoke_time = COALESCE(revoke_time, now()),
-           revoke_reason = CASE WHEN revoke_time IS NULL THEN %(reason)s ELSE revoke_reason END
-"""
-_REVOKE: Final = f"{_REVOKE_SET} WHERE id = %(id)s RETURNING {_COLUMNS}"
-_REVOKE_OWNED: Final = f"{_REVOKE_SET} WHERE id = %(id)s AND {_TENANT_REACH} RETURNING {_COLUMNS}"
 _HAS_ADMIN: Final = """
     SELECT EXISTS (
         SELECT 1 FROM keystile.keys
@@ -77,21 +71,17 @@ _HAS_ADMIN: Final = """
     )
 """
 
-# Fixed statements rather than one with "x IS NULL OR ..." branches, so that each gets a plan
-# that walks the (owner_id, create_time DESC, id DESC) index.
-_ACTIVE_FILTER: Final = "AND revoke_time IS NULL AND (expire_time IS NULL OR expire_time > %(now)s)"
-_AFTER_FILTER: Final = "AND (create_time, id) < (%(after_time)s, %(after_id)s)"
-_LIST: Final = {
-    (active, paged, tenant): f"""
-        SELECT {_COLUMNS} FROM keystile.keys
-         WHERE {_TENANT_REACH if tenant else "owner_id = %(owner_id)s"}
-               {_ACTIVE_FILTER if active else ""} {_AFTER_FILTER if paged else ""}
-         ORDER BY create_time DESC, id DESC
-         LIMIT %(limit)s
-    """
-    for active in (False, True)
-    for paged in (False, True)
-    for tenant in (False, True)
+# A listing's conditions, each a fixed text: every combination is an AND of some of them, and each
+# walks an index (owner, created_by, hint, or create_time alone for an admin's listing of all).
+_ACTIVE_FILTER: Final = "revoke_time IS NULL AND (expire_time IS NULL OR expire_time > %(now)s)"
+_AFTER_FILTER: Final = "(create_time, id) < (%(after_time)s, %(after_id)s)"
+_LIST_FILTERS: Final = {
+    "owner": "owner_id = %(owner_id)s",
+    "tenant": TENANT_REACH,
+    "created_by": "created_by = %(created_by)s",
+    "secret_hint": "secret_hint = %(secret_hint)s",
+    "active": _ACTIVE_FILTER,
+    "after": _AFTER_FILTER,
 }
 
 # One statement per flush for every key used in it; the WHERE clause keeps writes to at most one a
@@ -109,7 +99,8 @@ def _ignore(operation: str) -> None:
     """The default ``on_query``: count nothing."""
 
 
-def _record(row: Sequence[Any]) -> KeyRecord:
+def key_record(row: Sequence[Any]) -> KeyRecord:
+    """A row of ``KEY_COLUMNS`` (and, for verification, the owner's shared limits) as a KeyRecord."""
     return KeyRecord(
         id=str(row[0]),
         owner_id=row[1],
@@ -129,7 +120,11 @@ def _record(row: Sequence[Any]) -> KeyRecord:
         secret_hash=bytes(row[15]),
         limits=limits_from_json(row[16]),
         credits=credit_terms_from_json(row[17]),
-        owner_limits=limits_from_json(row[18]) if len(row) > 18 else (),
+        disable_time=row[18],
+        replaces=str(row[19]) if row[19] is not None else None,
+        replaced_by=str(row[20]) if row[20] is not None else None,
+        grant_id=str(row[21]) if row[21] is not None else None,
+        owner_limits=limits_from_json(row[22]) if len(row) > 22 else (),
     )
 
 
@@ -191,8 +186,10 @@ class KeyStore:
         """Round-trip to the database, even during an outage (it ends one); StoreUnavailable if not."""
         await self.guard.probe(self.guard.timeout if timeout is None else timeout)
 
-    async def insert_key(self, new: NewKey, *, now: datetime, expiry_field: str = "expire_time") -> KeyRecord:
-        """Insert a validated key (and its credits) and return it as stored.
+    async def insert_key(
+        self, new: NewKey, *, now: datetime, actor: str, expiry_field: str = "expire_time"
+    ) -> KeyRecord:
+        """Insert a validated key (and its credits) and its audit event; return it as stored.
 
         One transaction holds the owner's policy row locked while it counts the owner's active
         keys and inserts, so concurrent creates cannot together pass ``max_active_keys``.
@@ -225,7 +222,9 @@ class KeyStore:
                 assert row is not None
                 if new.credits is not None:
                     await insert_credits(conn, key_id, new.credits)
-            return _record(row)
+                record = key_record(row)
+                await insert_audit(conn, key_entry("key.create", actor, None, record))
+            return record
 
         return await self._run("insert_key", query, read=False)
 
@@ -241,7 +240,7 @@ class KeyStore:
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord | None:
             cur = await conn.execute(sql, params)
             row = await cur.fetchone()
-            return _record(row) if row else None
+            return key_record(row) if row else None
 
         return await self._run("get_key", query, read=True)
 
@@ -250,7 +249,7 @@ class KeyStore:
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> dict[bytes, KeyRecord]:
             cur = await conn.execute(_BY_HASHES, (list(secret_hashes),))
-            records = (_record(row) for row in await cur.fetchall())
+            records = (key_record(row) for row in await cur.fetchall())
             return {record.secret_hash: record for record in records}
 
         return await self._run("find_by_hashes", query, read=True)
@@ -263,38 +262,48 @@ class KeyStore:
         after: PageCursor | None,
         limit: int,
         tenant: bool = False,
+        created_by: str = "",
+        secret_hint: str = "",
     ) -> list[KeyRecord]:
-        """Up to ``limit`` of an owner's keys, newest first, strictly after ``after``.
+        """Up to ``limit`` keys, newest first, strictly after ``after``.
 
-        ``active_at`` set means only keys neither revoked nor expired at that instant;
-        ``tenant`` (a non-admin caller) leaves out keys granting admin.
+        ``owner_id`` "" lists every owner's keys (for admins); ``active_at`` set means only keys
+        neither revoked nor expired at that instant; ``tenant`` (a non-admin caller) leaves out
+        keys granting admin; ``created_by`` and ``secret_hint`` narrow to exact matches.
         """
-        params: dict[str, Any] = {"owner_id": owner_id, "limit": limit, "now": active_at}
+        params: dict[str, Any] = {
+            "owner_id": owner_id,
+            "limit": limit,
+            "now": active_at,
+            "created_by": created_by,
+            "secret_hint": secret_hint,
+        }
         if after is not None:
             params["after_time"] = after.create_time
             params["after_id"] = uuid.UUID(after.id)
-        sql = _LIST[(active_at is not None, after is not None, tenant)]
+        used = [
+            name
+            for name, wanted in (
+                ("tenant", tenant),
+                ("owner", bool(owner_id) and not tenant),
+                ("created_by", bool(created_by)),
+                ("secret_hint", bool(secret_hint)),
+                ("active", active_at is not None),
+                ("after", after is not None),
+            )
+            if wanted
+        ]
+        where = " AND ".join(_LIST_FILTERS[name] for name in used) or "TRUE"
+        statement = (
+            f"SELECT {KEY_COLUMNS} FROM keystile.keys WHERE {where}"
+            " ORDER BY create_time DESC, id DESC LIMIT %(limit)s"
+        )
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> list[KeyRecord]:
-            cur = await conn.execute(sql, params)
-            return [_record(row) for row in await cur.fetchall()]
+            cur = await conn.execute(statement, params)
+            return [key_record(row) for row in await cur.fetchall()]
 
         return await self._run("list_keys", query, read=True)
-
-    async def revoke_key(self, key_id: str, reason: str | None, *, owner_id: str | None) -> KeyRecord | None:
-        """Revoke the key (idempotently) and return it; None when no such key exists.
-
-        With ``owner_id`` only a key in that tenant's reach is revoked; another owner's key (or an
-        admin key) is left alone and reported as missing.
-        """
-        params = {"id": uuid.UUID(key_id), "reason": reason, "owner_id": owner_id}
-
-        async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord | None:
-            cur = await conn.execute(_REVOKE if owner_id is None else _REVOKE_OWNED, params)
-            row = await cur.fetchone()
-            return _record(row) if row else None
-
-        return await self._run("revoke_key", query, read=False)
 
     async def has_active_admin_key(self, now: datetime) -> bool:
         """Whether any key granting ``admin`` is neither revoked nor expired at ``now``."""

@@ -8,7 +8,7 @@ reference for the algorithm docs/LIMITS.md describes.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final, TypeVar
@@ -17,9 +17,11 @@ import psycopg
 from psycopg.rows import TupleRow
 from psycopg.types.json import Jsonb
 
+from ..audit import AuditEntry, json_value
 from ..errors import KeyLimitReached, NoCredits
 from ..model import CreditRefill, CreditTerms, OwnerPolicy, RateLimit
-from .connections import GuardedPool, Query
+from .audit_store import insert_audit
+from .connections import GuardedStore
 
 T = TypeVar("T")
 Conn = psycopg.AsyncConnection[TupleRow]
@@ -58,12 +60,12 @@ _CREDITS_NOW: Final = f"""
 """
 _GET_CREDITS: Final = f"""
     SELECT {_CREDITS_NOW}, c.refill_amount, c.refill
-      FROM keystile.key_credits AS c JOIN keystile.keys AS k ON k.id = c.key_id
-     WHERE c.key_id = %(id)s AND (%(owner_id)s::text IS NULL OR (k.owner_id = %(owner_id)s
+      FROM keystile.keys AS k JOIN keystile.key_credits AS c ON c.key_id = coalesce(k.grant_id, k.id)
+     WHERE k.id = %(id)s AND (%(owner_id)s::text IS NULL OR (k.owner_id = %(owner_id)s
            AND NOT ('admin' = ANY(k.scopes))))
 """
-# Changing a balance is a key event (unlike spending it): processes drop what they leased and
-# refused, so that credits added to an exhausted key are usable at once.
+# Changing a balance is a key event (unlike spending it) for every key of the grant: processes
+# drop what they leased and refused, so that credits added to an exhausted key are usable at once.
 _UPDATE_CREDITS: Final = f"""
     WITH changed AS (
         UPDATE keystile.key_credits AS c
@@ -71,12 +73,14 @@ _UPDATE_CREDITS: Final = f"""
                                 ELSE {_CREDITS_NOW} + %(add)s::bigint END,
                refilled_at = CASE WHEN c.refill IS NULL THEN c.refilled_at
                                   ELSE greatest(c.refilled_at, {_PERIOD_START}) END
-         WHERE c.key_id = %(id)s
+         WHERE c.key_id = (SELECT coalesce(grant_id, id) FROM keystile.keys WHERE id = %(id)s)
         RETURNING {_CREDITS_COLUMNS}, c.key_id
     )
     SELECT changed.remaining, changed.refill_amount, changed.refill,
-           keystile.announce_keys(ARRAY[k.secret_hash])::text
-      FROM changed JOIN keystile.keys AS k ON k.id = changed.key_id
+           keystile.announce_keys(ARRAY(
+               SELECT secret_hash FROM keystile.keys WHERE coalesce(grant_id, id) = changed.key_id
+           ))::text
+      FROM changed
 """
 
 
@@ -141,16 +145,27 @@ def _policy(row: Sequence[Any]) -> OwnerPolicy:
     )
 
 
-class UsageStore:
+async def _locked_policy(conn: Conn, owner_id: str) -> OwnerPolicy | None:
+    cur = await conn.execute(_GET_POLICY + " FOR UPDATE", (owner_id,))
+    row = await cur.fetchone()
+    return _policy(row) if row else None
+
+
+def _policy_entry(
+    action: str, actor: str, owner_id: str, before: OwnerPolicy | None, after: OwnerPolicy | None
+) -> AuditEntry:
+    """An audit entry for a policy change: each rule that changed, old and new."""
+    changes: dict[str, dict[str, Any]] = {}
+    for name in ("max_active_keys", "max_key_lifetime", "limits"):
+        old = json_value(getattr(before, name)) if before is not None else None
+        new = json_value(getattr(after, name)) if after is not None else None
+        if old != new:
+            changes[name] = {"old": old, "new": new}
+    return AuditEntry(action, actor, owner_id, None, changes)
+
+
+class UsageStore(GuardedStore):
     """Limit persistence over ``KeyStore``'s guarded pool."""
-
-    def __init__(self, guard: GuardedPool, *, on_query: Callable[[str], None]) -> None:
-        self._guard = guard
-        self._on_query = on_query
-
-    async def _run(self, operation: str, query: Query[T], *, read: bool) -> T:
-        self._on_query(operation)
-        return await self._guard.run(operation, query, retry=read)
 
     async def lease(
         self,
@@ -209,16 +224,26 @@ class UsageStore:
 
         return await self._run("get_credits", query, read=True)
 
-    async def update_credits(self, key_id: str, *, set_to: int | None, add: int) -> CreditTerms:
-        """Set or add to a balance and announce the change; NoCredits when the key has none."""
-        params = {"id": uuid.UUID(key_id), "set": set_to, "add": add}
+    async def update_credits(self, key_id: str, *, set_to: int | None, add: int, actor: str) -> CreditTerms:
+        """Set or add to a balance, announce and audit the change; NoCredits when the key has none."""
+        params = {"id": uuid.UUID(key_id), "set": set_to, "add": add, "owner_id": None}
 
         async def query(conn: Conn) -> CreditTerms:
-            cur = await conn.execute(_UPDATE_CREDITS, params)
-            row = await cur.fetchone()
-            if row is None:
-                raise NoCredits()
-            return _credits(row)
+            async with conn.transaction():
+                cur = await conn.execute(_GET_CREDITS, params)
+                row = await cur.fetchone()
+                before = _credits(row) if row else None
+                cur = await conn.execute(_UPDATE_CREDITS, params)
+                row = await cur.fetchone()
+                if row is None:
+                    raise NoCredits()
+                after = _credits(row)
+                cur = await conn.execute("SELECT owner_id FROM keystile.keys WHERE id = %s", (params["id"],))
+                owner = await cur.fetchone()
+                changes = {"credits": {"old": json_value(before), "new": json_value(after)}}
+                entry = AuditEntry("credits.update", actor, owner[0] if owner else None, key_id, changes)
+                await insert_audit(conn, entry)
+            return after
 
         return await self._run("update_credits", query, read=False)
 
@@ -232,8 +257,8 @@ class UsageStore:
 
         return await self._run("get_policy", query, read=True)
 
-    async def set_policy(self, policy: OwnerPolicy) -> OwnerPolicy:
-        """Store (replace) an owner's policy; its keys' snapshots are announced as changed."""
+    async def set_policy(self, policy: OwnerPolicy, *, actor: str) -> OwnerPolicy:
+        """Store (replace) an owner's policy and audit it; its keys' snapshots are announced as changed."""
         lifetime = policy.max_key_lifetime
         params = {
             "owner_id": policy.owner_id,
@@ -243,18 +268,26 @@ class UsageStore:
         }
 
         async def query(conn: Conn) -> OwnerPolicy:
-            cur = await conn.execute(_SET_POLICY, params)
-            row = await cur.fetchone()
-            assert row is not None
-            return _policy(row)
+            async with conn.transaction():
+                before = await _locked_policy(conn, policy.owner_id)
+                cur = await conn.execute(_SET_POLICY, params)
+                row = await cur.fetchone()
+                assert row is not None
+                after = _policy(row)
+                await insert_audit(conn, _policy_entry("policy.set", actor, policy.owner_id, before, after))
+            return after
 
         return await self._run("set_policy", query, read=False)
 
-    async def delete_policy(self, owner_id: str) -> None:
-        """Remove an owner's policy, if it has one."""
+    async def delete_policy(self, owner_id: str, *, actor: str) -> None:
+        """Remove an owner's policy, if it has one (audited when there was one)."""
 
         async def query(conn: Conn) -> None:
-            await conn.execute(_DELETE_POLICY, (owner_id,))
+            async with conn.transaction():
+                before = await _locked_policy(conn, owner_id)
+                if before is not None:
+                    await conn.execute(_DELETE_POLICY, (owner_id,))
+                    await insert_audit(conn, _policy_entry("policy.delete", actor, owner_id, before, None))
 
         await self._run("delete_policy", query, read=False)
 
@@ -272,16 +305,33 @@ async def enforce_policy(
     row = await cur.fetchone()
     if row is None:
         return None
-    max_active, lifetime_ms = int(row[0]), row[1]
-    if lifetime_ms is not None:
-        longest = timedelta(milliseconds=lifetime_ms)
-        if expire_time is None or expire_time > now + longest:
-            return f"must be set, at most {longest} from now (the owner's policy)"
+    broken = _lifetime_broken(row[1], expire_time, now)
+    if broken is not None:
+        return broken
+    max_active = int(row[0])
     if max_active:
         cur = await conn.execute(_ACTIVE_KEYS, (owner_id,))
         count = await cur.fetchone()
         if count is not None and int(count[0]) >= max_active:
             raise KeyLimitReached(max_active)
+    return None
+
+
+async def policy_lifetime(
+    conn: Conn, owner_id: str, expire_time: datetime | None, now: datetime
+) -> str | None:
+    """Inside UpdateKey's transaction: how a new ``expire_time`` breaks the owner's lifetime rule."""
+    cur = await conn.execute(_LOCK_POLICY, (owner_id,))
+    row = await cur.fetchone()
+    return _lifetime_broken(row[1], expire_time, now) if row is not None else None
+
+
+def _lifetime_broken(lifetime_ms: int | None, expire_time: datetime | None, now: datetime) -> str | None:
+    if lifetime_ms is None:
+        return None
+    longest = timedelta(milliseconds=lifetime_ms)
+    if expire_time is None or expire_time > now + longest:
+        return f"must be set, at most {longest} from now (the owner's policy)"
     return None
 
 
