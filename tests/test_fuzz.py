@@ -39,6 +39,10 @@ UNARY = (
     "DeleteOwnerPolicy",
     "GetCredits",
     "UpdateCredits",
+    "UpdateKey",
+    "RollKey",
+    "DeleteKey",
+    "ListAuditEvents",
 )
 FORBIDDEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 FUZZ = settings(
@@ -144,23 +148,83 @@ def create_requests(draw: st.DrawFn) -> keys_pb2.CreateKeyRequest:
     return request
 
 
+mask_paths = st.lists(
+    st.one_of(
+        st.sampled_from(["name", "scopes", "resources", "metadata", "expire_time", "limits", "disabled"]),
+        text,
+    ),
+    max_size=4,
+)
+
+
+@st.composite
+def update_requests(draw: st.DrawFn) -> keys_pb2.UpdateKeyRequest:
+    key = keys_pb2.Key(
+        id=draw(text),
+        name=draw(text),
+        scopes=draw(st.lists(text, max_size=3)),
+        resources=draw(st.lists(text, max_size=3)),
+        metadata=_struct(draw(st.dictionaries(text, json_values, max_size=3))),
+        limits=draw(rate_limits),
+        disabled=draw(st.booleans()),
+        owner_id=draw(text),  # not updatable: ignored unless named in the mask
+    )
+    if draw(st.booleans()):
+        key.expire_time.CopyFrom(draw(timestamps))
+    request = keys_pb2.UpdateKeyRequest(key=key)
+    request.update_mask.paths.extend(draw(mask_paths))
+    return request
+
+
+@st.composite
+def audit_requests(draw: st.DrawFn) -> keys_pb2.ListAuditEventsRequest:
+    request = keys_pb2.ListAuditEventsRequest(
+        owner_id=draw(text),
+        key_id=draw(text),
+        actor_key_id=draw(text),
+        page_size=draw(int32),
+        page_token=draw(text),
+    )
+    for field in ("start_time", "end_time"):
+        if draw(st.booleans()):
+            getattr(request, field).CopyFrom(draw(timestamps))
+    return request
+
+
 typed_requests = st.one_of(
+    st.tuples(st.just("UpdateKey"), update_requests()),
+    st.tuples(
+        st.just("RollKey"),
+        st.builds(lambda i, g: keys_pb2.RollKeyRequest(id=i, grace_period=g), text, durations),
+    ),
+    st.tuples(st.just("DeleteKey"), st.builds(lambda i: keys_pb2.DeleteKeyRequest(id=i), text)),
+    st.tuples(st.just("ListAuditEvents"), audit_requests()),
     st.tuples(st.just("CreateKey"), create_requests()),
     st.tuples(st.just("GetKey"), st.builds(lambda i: keys_pb2.GetKeyRequest(id=i), text)),
     st.tuples(
         st.just("ListKeys"),
         st.builds(
-            lambda o, size, token, inactive: keys_pb2.ListKeysRequest(
-                owner_id=o, page_size=size, page_token=token, include_inactive=inactive
+            lambda o, size, token, inactive, by, hint: keys_pb2.ListKeysRequest(
+                owner_id=o,
+                page_size=size,
+                page_token=token,
+                include_inactive=inactive,
+                created_by=by,
+                secret_hint=hint,
             ),
             text,
             int32,
             text,
             st.booleans(),
+            text,
+            text,
         ),
     ),
     st.tuples(
-        st.just("RevokeKey"), st.builds(lambda i, r: keys_pb2.RevokeKeyRequest(id=i, reason=r), text, text)
+        st.just("RevokeKey"),
+        st.builds(
+            lambda i, r, c: keys_pb2.RevokeKeyRequest(id=i, reason=r, cascade=c), text, text, st.booleans()
+        ),
     ),
     st.tuples(
         st.just("VerifyKey"),

@@ -9,6 +9,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -142,6 +143,53 @@ def test_cli_end_to_end(served: ServeProcess, owner: str) -> None:
     assert run_cli("keys", "list", *target, "--owner", owner, "--json").stdout.count(key_id) == 0
     everything = run_cli("keys", "list", *target, "--owner", owner, "--include-inactive", "--all", "--json")
     assert [k["id"] for k in json.loads(everything.stdout)["keys"]] == [key_id]
+
+
+def test_cli_lifecycle(served: ServeProcess, owner: str) -> None:
+    """keys update, disable, enable, roll, revoke --cascade, delete, list --created-by/--hint, audit."""
+    target = ["--target", served.address]
+
+    def cli(*args: str) -> Any:
+        words = 1 if args[0] == "audit" else 2
+        done = run_cli(*args[:words], *target, *args[words:], "--json")
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout) if done.stdout else None
+
+    parent = cli("keys", "create", "--owner", owner, "--name", "parent", "--scope", "keys:write")
+    child = run_cli(
+        "keys", "create", *target, "--owner", owner, "--name", "child", "--json", api_key=parent["secret"]
+    )
+    child_id = json.loads(child.stdout)["key"]["id"]
+    updated = cli("keys", "update", child_id, "--name", "renamed", "--scopes", "", "--expires", "never")
+    assert updated["name"] == "renamed" and "scopes" not in updated
+    assert cli("keys", "disable", child_id)["state"] == "KEY_STATE_DISABLED"
+    assert cli("keys", "enable", child_id)["state"] == "KEY_STATE_ACTIVE"
+    rolled = cli("keys", "roll", child_id, "--grace", "1h")
+    assert rolled["key"]["replaces"] == child_id and keystile.is_well_formed(rolled["secret"])
+    readable = run_cli("keys", "roll", *target, rolled["key"]["id"])
+    assert "secret: " in readable.stdout and "stops working at" in readable.stdout
+    made = cli("keys", "list", "--owner", owner, "--created-by", parent["key"]["id"])
+    assert {k["name"] for k in made["keys"]} == {"renamed"}
+    hint = parent["key"]["secret_hint"]
+    assert [k["id"] for k in cli("keys", "list", "--hint", hint)["keys"]] == [parent["key"]["id"]]
+    cascade = cli("keys", "revoke", parent["key"]["id"], "--cascade", "--reason", "leaked")
+    assert child_id in cascade["cascaded_ids"]
+    assert cli("keys", "delete", child_id) is None
+    events = cli("audit", "--owner", owner, "--all")["events"]
+    actions = [e["action"] for e in events]
+    assert {
+        "key.create",
+        "key.update",
+        "key.disable",
+        "key.enable",
+        "key.roll",
+        "key.revoke",
+        "key.delete",
+    } <= set(actions)
+    table = run_cli("audit", *target, "--key", child_id)
+    assert "key.delete" in table.stdout and 'name: "child" -> "renamed"' in table.stdout
+    nothing = run_cli("keys", "update", *target, child_id)
+    assert nothing.returncode != 0 and "nothing to change" in nothing.stderr
 
 
 def test_cli_pages(served: ServeProcess, owner: str) -> None:

@@ -99,6 +99,46 @@ def test_each_worker_listens_and_a_revocation_reaches_them_all(
     assert scrape_metrics(metrics)["keystile_key_events_total"] >= 6
 
 
+def test_updates_and_disabling_reach_every_worker_and_caching_client(
+    three: tuple[ServeProcess, str], workers_db_url: str, owner: str
+) -> None:
+    """UpdateKey and disabling propagate like a revocation: a removed scope is refused everywhere."""
+    served, _ = three
+    db = Db(workers_db_url)
+    eventually(lambda: db.scalar(LISTENERS) == 3, timeout=30)
+    clients = separate_clients(served.address, 12)
+    caching = keystile.Client(served.address, api_key=ADMIN_KEY, cache=True)
+    everyone = [*clients, caching]
+    try:
+        created = clients[0].create_key(owner, "spread", scopes=["jobs:read", "jobs:write"])
+
+        def results(**kw: object) -> set[int]:
+            return {c.verify_key(created.secret, **kw).result for c in everyone}  # type: ignore[arg-type]
+
+        assert results(required_scopes=["jobs:write"]) == {VerifyResult.VERIFY_RESULT_VALID}  # all cached
+        assert results(required_scopes=["jobs:write"]) == {VerifyResult.VERIFY_RESULT_VALID}
+        clients[0].update_key(created.key.id, scopes=["jobs:read"])
+        eventually(
+            lambda: (
+                results(required_scopes=["jobs:write"]) == {VerifyResult.VERIFY_RESULT_INSUFFICIENT_SCOPE}
+            ),
+            timeout=2,
+        )
+        assert results(required_scopes=["jobs:read"]) == {VerifyResult.VERIFY_RESULT_VALID}
+        clients[0].update_key(created.key.id, disabled=True)
+        eventually(lambda: results() == {VerifyResult.VERIFY_RESULT_DISABLED}, timeout=2)
+        clients[0].update_key(created.key.id, disabled=False)
+        eventually(lambda: results() == {VerifyResult.VERIFY_RESULT_VALID}, timeout=2)
+        rolled = clients[0].roll_key(created.key.id)  # no grace: the old secret stops everywhere
+        eventually(lambda: results() == {VerifyResult.VERIFY_RESULT_EXPIRED}, timeout=2)
+        assert {c.verify_key(rolled.secret).result for c in everyone} == {VerifyResult.VERIFY_RESULT_VALID}
+        stats = caching.cache_stats()
+        assert stats is not None and stats.hits > 0  # the caching client answered from memory
+    finally:
+        for client in everyone:
+            client.close()
+
+
 def test_a_killed_worker_is_replaced(three: tuple[ServeProcess, str], workers_db_url: str) -> None:
     served, _ = three
     db = Db(workers_db_url)

@@ -302,13 +302,24 @@ class Client(LifecycleMethods):
         return response
 
     def iter_keys(
-        self, owner_id: str, *, include_inactive: bool = False, page_size: int = 0
+        self,
+        owner_id: str,
+        *,
+        include_inactive: bool = False,
+        page_size: int = 0,
+        created_by: str = "",
+        secret_hint: str = "",
     ) -> Iterator[keys_pb2.Key]:
-        """Every key of an owner, fetching pages as needed."""
+        """Every key of an owner (an admin's "": of every owner), fetching pages as needed."""
         token = ""
         while True:
             page = self.list_keys(
-                owner_id, page_size=page_size, page_token=token, include_inactive=include_inactive
+                owner_id,
+                page_size=page_size,
+                page_token=token,
+                include_inactive=include_inactive,
+                created_by=created_by,
+                secret_hint=secret_hint,
             )
             yield from page.keys
             token = page.next_page_token

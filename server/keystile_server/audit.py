@@ -152,21 +152,21 @@ class AuditLog:
         errors = Violations()
         if selected.owner_id:
             check_owner_id(selected.owner_id, errors)
-        if selected.key_id:
-            check_key_id(selected.key_id, errors)
+        key_id = check_key_id(selected.key_id, errors, "key_id") if selected.key_id else ""
         if selected.start_time and selected.end_time and selected.start_time >= selected.end_time:
             errors.add("end_time", "must be after start_time")
         limit = check_page_size(page_size, errors)
         errors.raise_if_any()
+        if key_id is None:  # no key has such an id, so none has events
+            return [], ""
         scope = _token_scope(selected)
         before_id = self._tokens.decode_id(page_token, scope) if page_token else None
+        owner = selected.owner_id
         if not caller.is_admin:
-            if selected.owner_id:
-                require_owner(caller, selected.owner_id)
-            else:
-                selected = AuditFilter(
-                    caller.owner_id, selected.key_id, selected.actor, selected.start_time, selected.end_time
-                )
+            if owner:
+                require_owner(caller, owner)
+            owner = caller.owner_id
+        selected = AuditFilter(owner, key_id, selected.actor, selected.start_time, selected.end_time)
         events = await self._list(selected, before_id, limit)
         token = self._tokens.encode_id(events[-1].id, scope) if len(events) == limit else ""
         return events, token

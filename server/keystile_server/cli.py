@@ -14,97 +14,33 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, TextIO
-
-from google.protobuf import json_format
 
 import keystile
 from keystile import Client, KeystileError
 from keystile.v1 import keys_pb2
 
-from .cli_limits import add_commands, add_create_arguments, create_options, limits_text, parse_duration
+from .cli_lifecycle import add_commands as add_audit_command
+from .cli_lifecycle import add_key_commands
+from .cli_limits import add_commands, add_create_arguments, create_options, parse_duration
+from .cli_output import (
+    key_dict,
+    parse_json_object,
+    parse_timestamp,
+    print_json,
+    print_key,
+    show_key,
+    state_text,
+    table,
+    time_text,
+)
 from .processes import configure_logging, run_async, serve_workers
 from .settings import Settings, SettingsError
 
 EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_NOT_VALID: Final = 3
-
-
-def parse_timestamp(text: str) -> datetime:
-    """An ISO 8601 instant; without an offset it is taken as UTC."""
-    try:
-        return datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"invalid timestamp {text!r} (use ISO 8601)") from exc
-
-
-def parse_json_object(text: str) -> dict[str, Any]:
-    """A JSON object given on the command line."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"invalid JSON: {exc.msg}") from exc
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("metadata must be a JSON object")
-    return value
-
-
-def _key_dict(key: keys_pb2.Key) -> dict[str, Any]:
-    return json_format.MessageToDict(key, preserving_proto_field_name=True)
-
-
-def _state(key: keys_pb2.Key) -> str:
-    return keys_pb2.KeyState.Name(key.state).removeprefix("KEY_STATE_").lower()
-
-
-def _time(key: keys_pb2.Key, field: str) -> str:
-    if not key.HasField(field):  # type: ignore[arg-type]
-        return "-"
-    stamp: datetime = getattr(key, field).ToDatetime()
-    return stamp.strftime("%Y-%m-%d %H:%M:%S")
-
-
-def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    for row in rows:
-        out.write(
-            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n"
-        )
-
-
-def _print_key(key: keys_pb2.Key, out: TextIO) -> None:
-    rows = [
-        ("id", key.id),
-        ("owner", key.owner_id),
-        ("name", key.name),
-        ("hint", key.secret_hint),
-        ("state", _state(key)),
-        ("scopes", " ".join(key.scopes) or "-"),
-        ("resources", " ".join(key.resources) or "(any)"),
-        ("rate limits", limits_text(key.limits) if key.limits else "unlimited"),
-        ("credits", _credit_terms(key) if key.HasField("credits") else "-"),
-        ("created", _time(key, "create_time")),
-        ("expires", _time(key, "expire_time")),
-        ("revoked", _time(key, "revoke_time") + (f" ({key.revoke_reason})" if key.revoke_reason else "")),
-        ("last used", _time(key, "last_used_time")),
-        ("created by", key.created_by or "-"),
-    ]
-    if key.metadata.fields:
-        rows.append(("metadata", json.dumps(json_format.MessageToDict(key.metadata), sort_keys=True)))
-    _table(rows, out)
-
-
-def _credit_terms(key: keys_pb2.Key) -> str:
-    refill = keys_pb2.CreditRefill.Name(key.credits.refill).removeprefix("CREDIT_REFILL_").lower()
-    amount = key.credits.refill_amount
-    return "metered" + (f", refilled {refill} to {amount}" if amount else "")
-
-
-def _print_json(value: Any, out: TextIO) -> None:
-    out.write(json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def _cmd_create(client: Client, args: argparse.Namespace, out: TextIO) -> int:
@@ -121,26 +57,30 @@ def _cmd_create(client: Client, args: argparse.Namespace, out: TextIO) -> int:
         **create_options(args),
     )
     if args.json:
-        _print_json({"key": _key_dict(response.key), "secret": response.secret}, out)
+        print_json({"key": key_dict(response.key), "secret": response.secret}, out)
     else:
-        _print_key(response.key, out)
+        print_key(response.key, out)
         out.write(f"\nsecret: {response.secret}\n")
         out.write("Store the secret now: it is shown this once and cannot be recovered.\n")
     return 0
 
 
 def _cmd_get(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    key = client.get_key(args.id)
-    if args.json:
-        _print_json(_key_dict(key), out)
-    else:
-        _print_key(key, out)
+    show_key(client.get_key(args.id), args.json, out)
     return 0
 
 
 def _cmd_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if args.all:
-        keys = list(client.iter_keys(args.owner, include_inactive=args.include_inactive, page_size=500))
+        keys = list(
+            client.iter_keys(
+                args.owner,
+                include_inactive=args.include_inactive,
+                page_size=500,
+                created_by=args.created_by,
+                secret_hint=args.hint,
+            )
+        )
         token = ""
     else:
         page = client.list_keys(
@@ -148,10 +88,12 @@ def _cmd_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             page_size=args.page_size,
             page_token=args.page_token,
             include_inactive=args.include_inactive,
+            created_by=args.created_by,
+            secret_hint=args.hint,
         )
         keys, token = list(page.keys), page.next_page_token
     if args.json:
-        _print_json({"keys": [_key_dict(k) for k in keys], "next_page_token": token}, out)
+        print_json({"keys": [key_dict(k) for k in keys], "next_page_token": token}, out)
         return 0
     rows = [("ID", "NAME", "HINT", "STATE", "SCOPES", "CREATED", "EXPIRES")]
     rows += [
@@ -159,25 +101,31 @@ def _cmd_list(client: Client, args: argparse.Namespace, out: TextIO) -> int:
             k.id,
             k.name,
             k.secret_hint,
-            _state(k),
+            state_text(k),
             ",".join(k.scopes) or "-",
-            _time(k, "create_time"),
-            _time(k, "expire_time"),
+            time_text(k, "create_time"),
+            time_text(k, "expire_time"),
         )
         for k in keys
     ]
-    _table(rows, out)
+    table(rows, out)
     if token:
         out.write(f"\nmore keys: --page-token {token}\n")
     return 0
 
 
 def _cmd_revoke(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    key = client.revoke_key(args.id, reason=args.reason)
+    if not args.cascade:
+        show_key(client.revoke_key(args.id, reason=args.reason), args.json, out)
+        return 0
+    response = client.revoke_keys(args.id, reason=args.reason)
     if args.json:
-        _print_json(_key_dict(key), out)
-    else:
-        _print_key(key, out)
+        print_json({"key": key_dict(response.key), "cascaded_ids": list(response.cascaded_ids)}, out)
+        return 0
+    print_key(response.key, out)
+    out.write(f"\nalso revoked ({len(response.cascaded_ids)} keys it created, and theirs):\n")
+    for key_id in response.cascaded_ids:
+        out.write(f"  {key_id}\n")
     return 0
 
 
@@ -188,8 +136,8 @@ def _cmd_verify(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         body: dict[str, Any] = {"result": result}
         if response.HasField("key"):
-            body["key"] = _key_dict(response.key)
-        _print_json(body, out)
+            body["key"] = key_dict(response.key)
+        print_json(body, out)
     else:
         out.write(f"result: {result}\n")
         if response.HasField("key"):
@@ -352,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     get.set_defaults(client_handler=_cmd_get)
 
     lister = keys.add_parser("list", parents=[common], help="list an owner's keys, newest first")
-    lister.add_argument("--owner", required=True, help="owner id")
+    lister.add_argument("--owner", default="", help="owner id (admins may omit it: every owner's keys)")
+    lister.add_argument("--created-by", default="", help="only keys created by this key id")
+    lister.add_argument("--hint", default="", help="only keys with this secret hint (from a log line)")
     lister.add_argument("--include-inactive", action="store_true", help="also revoked and expired keys")
     lister.add_argument("--page-size", type=int, default=0, help="keys per page (default 50, max 500)")
     lister.add_argument("--page-token", default="", help="continue from a previous page")
@@ -362,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys.add_parser("revoke", parents=[common], help="revoke a key")
     revoke.add_argument("id")
     revoke.add_argument("--reason", default="", help="why (at most 500 characters)")
+    revoke.add_argument(
+        "--cascade", action="store_true", help="also revoke every key it created, and theirs (a leak)"
+    )
     revoke.set_defaults(client_handler=_cmd_revoke)
 
     verify = keys.add_parser("verify", parents=[common], help="verify a key (exit 0 only when VALID)")
@@ -379,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _bench_arguments(bench)
     bench.set_defaults(client_handler=_cmd_bench)
+    add_key_commands(keys, common)
     add_commands(commands, common)
+    add_audit_command(commands, common)
     return parser
 
 
