@@ -13,6 +13,7 @@ from ._async_client import AsyncClient
 from ._cache import CacheStats
 from ._client import DEFAULT_TARGET, DEFAULT_TIMEOUT, Client, create_key_request
 from ._errors import (
+    AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
     InternalError,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_TARGET",
     "DEFAULT_TIMEOUT",
     "KEY_PATTERN",
+    "AlreadyExistsError",
     "AsyncClient",
     "CacheStats",
     "Client",

@@ -51,6 +51,8 @@ class CreateKeyOptions(TypedDict, total=False):
     metadata: Mapping[str, Any] | None
     limits: Iterable[keys_pb2.RateLimit]
     credits: keys_pb2.Credits | int | None
+    secret_hash: bytes | str
+    secret_hint: str
 
 
 def create_key_request(
@@ -66,11 +68,15 @@ def create_key_request(
     metadata: Mapping[str, Any] | None = None,
     limits: Iterable[keys_pb2.RateLimit] = (),
     credits: keys_pb2.Credits | int | None = None,
+    secret_hash: bytes | str = "",
+    secret_hint: str = "",
 ) -> keys_pb2.CreateKeyRequest:
     """Build a CreateKeyRequest; ``ttl`` in seconds or as a timedelta, at most one of ttl/expire_time.
 
     ``limits`` come from ``keystile.rate_limit``; ``credits`` is a starting balance or a message
-    from ``keystile.credits`` (with a refill).
+    from ``keystile.credits`` (with a refill). ``secret_hash`` (the digest of a secret minted by
+    the caller, e.g. ``keystile.hash_key(keystile.generate_key("ks"))``, with its ``secret_hint``)
+    stores that secret instead of minting one: the response then carries no secret.
     """
     if ttl is not None and expire_time is not None:
         raise ValueError("give ttl or expire_time, not both")
@@ -82,6 +88,8 @@ def create_key_request(
         prefix=prefix,
         rate_limit_per_minute=rate_limit_per_minute,
         limits=list(limits),
+        secret_hash=secret_hash.hex() if isinstance(secret_hash, bytes) else secret_hash,
+        secret_hint=secret_hint,
     )
     if credits is not None:
         request.credits.CopyFrom(

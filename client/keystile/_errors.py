@@ -64,6 +64,10 @@ class FailedPreconditionError(KeystileError):
     """The key's state does not allow this (rolling a revoked key, deleting a live one): see ``reason``."""
 
 
+class AlreadyExistsError(KeystileError):
+    """What the call would create exists already (a key with the same secret hash)."""
+
+
 class ResourceExhaustedError(KeystileError):
     """A cap was reached (the owner's max_active_keys, --max-watchers): ``reason`` says which."""
 
@@ -88,6 +92,7 @@ _BY_CODE: Final[dict[grpc.StatusCode, type[KeystileError]]] = {
     grpc.StatusCode.UNAVAILABLE: UnavailableError,
     grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExistsError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
 }
 

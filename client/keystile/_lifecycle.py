@@ -123,6 +123,14 @@ class LifecycleMethods:
         response: keys_pb2.RevokeKeyResponse = self._call(self._stub.RevokeKey, request, timeout)
         return response
 
+    def import_keys(
+        self, keys: Iterable[keys_pb2.ImportedKey], *, timeout: float | None = None
+    ) -> keys_pb2.ImportKeysResponse:
+        """Import up to 1000 keys by hash (admin); ``results`` says, per key, imported or why not."""
+        request = keys_pb2.ImportKeysRequest(keys=list(keys))
+        response: keys_pb2.ImportKeysResponse = self._call(self._stub.ImportKeys, request, timeout)
+        return response
+
     def delete_key(self, key_id: str, *, timeout: float | None = None) -> None:
         """Delete a revoked or expired key for good (its audit events stay)."""
         self._call(self._stub.DeleteKey, keys_pb2.DeleteKeyRequest(id=key_id), timeout)
@@ -177,6 +185,14 @@ class AsyncLifecycleMethods:
         """Revoke a key and, in the same transaction, every key it created, transitively (cascade)."""
         request = keys_pb2.RevokeKeyRequest(id=key_id, reason=reason, cascade=True)
         response: keys_pb2.RevokeKeyResponse = await self._call(self._stub.RevokeKey, request, timeout)
+        return response
+
+    async def import_keys(
+        self, keys: Iterable[keys_pb2.ImportedKey], *, timeout: float | None = None
+    ) -> keys_pb2.ImportKeysResponse:
+        """Import up to 1000 keys by hash (admin); ``results`` says, per key, imported or why not."""
+        request = keys_pb2.ImportKeysRequest(keys=list(keys))
+        response: keys_pb2.ImportKeysResponse = await self._call(self._stub.ImportKeys, request, timeout)
         return response
 
     async def delete_key(self, key_id: str, *, timeout: float | None = None) -> None:

@@ -59,6 +59,12 @@ def require_scope(caller: Caller, scope: str) -> None:
         raise PermissionDenied(f"the caller's key lacks the {scope!r} scope", "SCOPE_REQUIRED")
 
 
+def require_admin(caller: Caller, message: str) -> None:
+    """PERMISSION_DENIED (ADMIN_REQUIRED) unless the caller's key grants ``admin``."""
+    if not caller.is_admin:
+        raise PermissionDenied(message, "ADMIN_REQUIRED")
+
+
 def require_owner(caller: Caller, owner_id: str) -> None:
     """PERMISSION_DENIED when a non-admin names another owner (used where ids are not secret-ish)."""
     if not caller.owns(owner_id):

@@ -21,6 +21,7 @@ import keystile
 from keystile import Client, KeystileError
 from keystile.v1 import keys_pb2
 
+from .cli_import import add_command as add_import_command
 from .cli_lifecycle import add_commands as add_audit_command
 from .cli_lifecycle import add_key_commands
 from .cli_limits import add_commands, add_create_arguments, create_options, parse_duration
@@ -335,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_key_commands(keys, common)
     add_commands(commands, common)
     add_audit_command(commands, common)
+    add_import_command(commands, common)
     return parser
 
 

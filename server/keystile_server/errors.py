@@ -12,6 +12,7 @@ maps each class to exactly one gRPC status code and ErrorInfo reason::
     ├── PolicyNotFound         NOT_FOUND         (GetOwnerPolicy: the owner has no policy)
     ├── NoCredits              FAILED_PRECONDITION (credits RPCs on a key without credits)
     ├── KeyLimitReached        RESOURCE_EXHAUSTED (CreateKey: the owner holds max_active_keys)
+    ├── SecretHashExists       ALREADY_EXISTS    (CreateKey with secret_hash: a key has that hash)
     ├── AdminKeyExists         FAILED_PRECONDITION
     ├── KeyStateConflict       FAILED_PRECONDITION (reason says which: KEY_NOT_ACTIVE, KEY_ALREADY_ROLLED,
     │                                               KEY_STILL_ACTIVE)
@@ -137,6 +138,15 @@ class KeyStateConflict(KeystileError):
     def __init__(self, reason: str) -> None:
         super().__init__(self.MESSAGES[reason])
         self.reason = reason
+
+
+class SecretHashExists(KeystileError):
+    """A key with this secret hash is already stored (a caller-minted secret used twice)."""
+
+    reason = "SECRET_HASH_EXISTS"
+
+    def __init__(self) -> None:
+        super().__init__("a key with this secret_hash already exists; mint a new secret")
 
 
 class KeyLimitReached(KeystileError):

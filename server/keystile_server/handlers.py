@@ -124,6 +124,8 @@ class KeyServiceHandlers(LimitHandlers, LifecycleHandlers, keys_pb2_grpc.KeyServ
             metadata=metadata_from_proto(request.metadata),
             limits=limit_specs(request.limits),
             credits=credits_from_proto(request.credits) if request.HasField("credits") else None,
+            secret_hash=request.secret_hash,
+            secret_hint=request.secret_hint,
         )
         created = await self._service().create_key(spec, authorization=authorization(context))
         return keys_pb2.CreateKeyResponse(key=key_to_proto(created.key, utc_now()), secret=created.secret)

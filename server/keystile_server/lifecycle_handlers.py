@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -14,6 +15,8 @@ from google.protobuf import struct_pb2
 from keystile.v1 import keys_pb2
 
 from .audit import AuditEvent, AuditFilter
+from .errors import InvalidArgument
+from .importing import ImportRow
 from .key_messages import key_to_proto, metadata_from_proto, timestamp_field
 from .limit_handlers import limit_specs
 from .rpc_errors import translate_errors
@@ -72,6 +75,39 @@ def audit_event_to_proto(event: AuditEvent) -> keys_pb2.AuditEvent:
     return message
 
 
+def _import_row(key: keys_pb2.ImportedKey) -> ImportRow:
+    """One ImportedKey as the domain's row; a field that cannot be read is reported, not raised."""
+    unreadable: list[tuple[str, str]] = []
+
+    def read(name: str, reader: Callable[[], Any], default: Any) -> Any:
+        try:
+            return reader()
+        except InvalidArgument as exc:
+            unreadable.extend((v.field, v.description) for v in exc.violations)
+            return default
+
+    times = {
+        name: read(name, lambda name=name: timestamp_field(key, name), None)  # type: ignore[misc]
+        for name in ("create_time", "expire_time", "revoke_time", "last_used_time")
+    }
+    return ImportRow(
+        secret_hash=key.secret_hash,
+        owner_id=key.owner_id,
+        name=key.name,
+        scopes=list(key.scopes),
+        resources=list(key.resources),
+        secret_hint=key.secret_hint,
+        prefix=key.prefix,
+        revoke_reason=key.revoke_reason,
+        limits=read("limits", lambda: limit_specs(key.limits), ()),
+        metadata=read("metadata", lambda: metadata_from_proto(key.metadata), {}),
+        disabled=key.disabled,
+        rate_limit_per_minute=key.rate_limit_per_minute,
+        unreadable=tuple(unreadable),
+        **times,
+    )
+
+
 class LifecycleHandlers(ServiceAccess):
     """The servicer's lifecycle RPCs; mixed into ``KeyServiceHandlers``."""
 
@@ -121,6 +157,24 @@ class LifecycleHandlers(ServiceAccess):
         """Delete a revoked or expired key for good."""
         await self._service().lifecycle.delete_key(request.id, authorization=authorization(context))
         return keys_pb2.DeleteKeyResponse()
+
+    @translate_errors
+    async def ImportKeys(
+        self, request: keys_pb2.ImportKeysRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> keys_pb2.ImportKeysResponse:
+        """Import keys by hash; every row is reported."""
+        outcomes = await self._service().importer.import_keys(
+            [_import_row(key) for key in request.keys], authorization=authorization(context)
+        )
+        return keys_pb2.ImportKeysResponse(
+            results=[
+                keys_pb2.ImportKeyResult(
+                    index=o.index, id=o.key.id if o.key else "", error=o.error, fields=o.fields
+                )
+                for o in outcomes
+            ],
+            imported=sum(1 for o in outcomes if o.key is not None),
+        )
 
     @translate_errors
     async def ListAuditEvents(

@@ -106,6 +106,18 @@ class NewKey:
 
 
 @dataclass(frozen=True, slots=True)
+class ImportedKey:
+    """A validated key from another system: what CreateKey stores, and the history it had there."""
+
+    key: NewKey
+    create_time: datetime | None = None
+    revoke_time: datetime | None = None
+    revoke_reason: str | None = None
+    last_used_time: datetime | None = None
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class KeyRecord:
     """A key as stored. ``secret_hash`` is the cache index; the secret itself exists nowhere."""
 

@@ -30,6 +30,7 @@ from .errors import KeystileError
 from .gateway import GatewayConfig
 from .handlers import KeyServiceHandlers, add_to_server
 from .key_filter import KeyFilter
+from .key_formats import KeyFormats
 from .metrics import ServerMetrics
 from .page_tokens import PageTokenCodec
 from .processes import STOP_SIGNALS, ignore_stop_signals
@@ -102,6 +103,7 @@ async def build_service(
         verify_auth=settings.verify_auth,
         static_admin_key=static_admin_key,
         max_staleness=timedelta(seconds=settings.max_staleness),
+        key_formats=KeyFormats(settings.legacy_key_formats),
     )
 
 

@@ -30,6 +30,8 @@ from .auth import (
 )
 from .cache import VerificationCache
 from .errors import AdminKeyExists, KeyNotFound, Unauthenticated
+from .importing import KeyImporter
+from .key_formats import KeyFormats
 from .lifecycle import KeyLifecycle
 from .limits.allowances import Allowances
 from .limits.credits import CreditBalances
@@ -40,11 +42,13 @@ from .model import CreditTerms, KeyPage, KeyRecord, NewKey, PageCursor, VerifyRe
 from .page_tokens import PageTokenCodec
 from .store import KeyStore
 from .store.audit_store import AuditStore
+from .store.import_store import ImportStore
 from .store.lifecycle_store import LifecycleStore
 from .store.usage_store import UsageStore
 from .usage import UsageRecorder
 from .validation import (
     Violations,
+    check_hint,
     check_key_id,
     check_metadata,
     check_name,
@@ -53,12 +57,12 @@ from .validation import (
     check_prefix,
     check_resources,
     check_scopes,
+    check_secret_hash,
 )
 from .verification import Verifier
 from .watch import KeyEventHub, Subscription
 
 BEARER = "bearer "
-MAX_HINT_LENGTH: Final = 64
 BOOTSTRAP: Final = "bootstrap"
 """The creator (and audit actor) recorded for keys minted by `keystile bootstrap`."""
 DEFAULT_HEARTBEAT: Final = timedelta(seconds=5)
@@ -92,6 +96,10 @@ class KeySpec:
     metadata: dict[str, Any] = field(default_factory=dict)
     limits: Sequence[LimitSpec] = ()
     credits: CreditTerms | None = None
+    secret_hash: str = ""
+    """The SHA-256 of a secret the caller minted itself (hex or base64): none is minted or returned."""
+    secret_hint: str = ""
+    """What lists show for a caller-minted secret (``secret_hash``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +131,7 @@ class KeyService:
         verify_auth: str = "open",
         static_admin_key: str | None = None,
         max_staleness: timedelta = timedelta(seconds=30),
+        key_formats: KeyFormats | None = None,
     ) -> None:
         self._store = store
         self._cache = cache
@@ -143,6 +152,7 @@ class KeyService:
             metrics,
             verify_auth_required=self.verify_auth_required,
             authenticate=self.authenticate,
+            formats=key_formats,
         )
         """VerifyKey's domain, and the lookup behind every caller's authentication."""
         self.max_staleness = max_staleness
@@ -150,6 +160,10 @@ class KeyService:
             LifecycleStore(store.guard, on_query=store.count_query), store, cache, self.authenticate, utc_now
         )
         """UpdateKey, RollKey, RevokeKey, DeleteKey and the retention of dead keys."""
+        self.importer = KeyImporter(
+            ImportStore(store.guard, on_query=store.count_query), cache, self.authenticate
+        )
+        """ImportKeys."""
         audit_store = AuditStore(store.guard, on_query=store.count_query)
         self.audit = AuditLog(audit_store.list_events, audit_store.purge, self.authenticate, page_tokens)
         """ListAuditEvents and the audit trail's retention."""
@@ -206,6 +220,10 @@ class KeyService:
         metadata = check_metadata(spec.metadata, errors)
         limits = check_limits(spec.limits, errors, per_minute=spec.rate_limit_per_minute)
         credits = check_credits(spec.credits, errors)
+        own_hash = check_secret_hash(spec.secret_hash, errors) if spec.secret_hash else None
+        hint = check_hint(spec.secret_hint, errors)
+        if spec.secret_hint and own_hash is None:
+            errors.add("secret_hint", "goes with secret_hash (keystile makes the hint of a key it mints)")
         expire_time = spec.expire_time
         if spec.ttl is not None:
             if spec.ttl <= timedelta(0):
@@ -231,17 +249,21 @@ class KeyService:
             )
         created_by = caller.key_id if caller is not None else BOOTSTRAP
 
-        secret = generate_key(prefix)
-        parsed = parse_key(secret)
-        assert parsed is not None
+        if own_hash is not None:  # the caller minted the secret: keystile never sees it
+            secret, secret_hash = "", own_hash
+        else:
+            secret = generate_key(prefix)
+            parsed = parse_key(secret)
+            assert parsed is not None
+            secret_hash, hint = hash_key(secret), parsed.hint
         record = await self._store.insert_key(
             NewKey(
                 id=str(uuid.uuid4()),
                 owner_id=owner_id,
                 name=name,
                 prefix=prefix,
-                secret_hash=hash_key(secret),
-                secret_hint=parsed.hint,
+                secret_hash=secret_hash,
+                secret_hint=hint,
                 scopes=scopes,
                 resources=resources,
                 metadata=metadata,
@@ -256,7 +278,7 @@ class KeyService:
             actor=created_by,
         )
         self._cache.stored(record.secret_hash)
-        _log.info("key created id=%s owner=%s hint=%s by=%s", record.id, owner_id, parsed.hint, created_by)
+        _log.info("key created id=%s owner=%s hint=%s by=%s", record.id, owner_id, hint, created_by)
         return CreatedKey(key=record, secret=secret)
 
     async def get_key(self, key_id: str, *, authorization: str) -> KeyRecord:
@@ -304,8 +326,7 @@ class KeyService:
         if created_by and created_by not in (BOOTSTRAP, STATIC_ADMIN_ID):
             # A string that is no key id matches no key: an empty page, as an unknown id gives.
             created_by = check_key_id(created_by, errors, "created_by") or created_by
-        if len(secret_hint) > MAX_HINT_LENGTH or not secret_hint.isprintable():
-            errors.add("secret_hint", f"must be at most {MAX_HINT_LENGTH} printable characters")
+        check_hint(secret_hint, errors)
         errors.raise_if_any()
         require_owner(caller, owner_id)
         _log.debug("keys listed owner=%s by=%s", owner_id or "*", caller.key_id)

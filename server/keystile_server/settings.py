@@ -20,6 +20,8 @@ from typing import Any, Final
 
 from keystile._format import is_valid_prefix
 
+from .key_formats import LegacyFormat, parse_legacy_formats
+
 DEFAULT_LISTEN: Final = "127.0.0.1:50051"
 
 
@@ -332,6 +334,14 @@ OPTIONS: Final = (
         "on|off",
     ),
     Option(
+        "legacy_key_formats",
+        parse_legacy_formats,
+        (),
+        "imported keys' formats that are looked up, as PREFIX=REGEX separated by spaces "
+        "(e.g. 'wm_=[A-Za-z0-9]{32}'); anything else that is not a keystile key is MALFORMED",
+        "FORMATS",
+    ),
+    Option(
         "key_retention_days",
         _non_negative_int,
         0,
@@ -389,6 +399,7 @@ class Settings:
     auth_key_query: str = ""
     auth_header_prefix: str = "x-keystile-"
     auth_strip_credential: bool = True
+    legacy_key_formats: tuple[LegacyFormat, ...] = ()
     key_retention_days: int = 0
     audit_retention_days: int = 0
 

@@ -7,6 +7,8 @@ de-duplicated) so that what is stored is exactly what was checked.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 import unicodedata
@@ -162,13 +164,13 @@ def _holds_nul(value: object) -> bool:
     return False
 
 
-def check_reason(reason: str, errors: Violations) -> str | None:
+def check_reason(reason: str, errors: Violations, field: str = "reason") -> str | None:
     """A revocation reason is optional, at most 500 characters, without control characters."""
     trimmed = reason.strip()
     if len(trimmed) > MAX_REASON_LENGTH:
-        errors.add("reason", f"must be at most {MAX_REASON_LENGTH} characters")
+        errors.add(field, f"must be at most {MAX_REASON_LENGTH} characters")
     elif has_control_characters(trimmed):
-        errors.add("reason", "must not contain control characters")
+        errors.add(field, "must not contain control characters")
     return trimmed or None
 
 
@@ -211,3 +213,31 @@ def scope_covers(granted: Iterable[str], required: str) -> bool:
         if scope.endswith(":*") and required.startswith(scope[:-1]):
             return True
     return False
+
+
+MAX_HINT_LENGTH: Final = 64
+
+
+def check_secret_hash(text: str, errors: Violations, field: str = "secret_hash") -> bytes:
+    """A SHA-256 digest given as 64 hex digits or base64 (standard or URL-safe, padded or not)."""
+    value = text.strip()
+    digest = b""
+    if len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value):
+        digest = bytes.fromhex(value)
+    elif 43 <= len(value) <= 44:
+        try:
+            digest = base64.b64decode(
+                value.replace("-", "+").replace("_", "/") + "=" * (-len(value) % 4), validate=True
+            )
+        except (binascii.Error, ValueError):
+            digest = b""
+    if len(digest) != 32:
+        errors.add(field, "must be a SHA-256 digest: 64 hex digits or 44 base64 characters")
+    return digest
+
+
+def check_hint(hint: str, errors: Violations, field: str = "secret_hint") -> str:
+    """What lists and logs show for a key that keystile did not mint: short and printable."""
+    if len(hint) > MAX_HINT_LENGTH or not hint.isprintable():
+        errors.add(field, f"must be at most {MAX_HINT_LENGTH} printable characters")
+    return hint

@@ -16,10 +16,11 @@ from datetime import UTC, datetime
 from hashlib import sha256
 from typing import Any
 
-from keystile._format import MAX_KEY_LENGTH, hash_key, parse_key
+from keystile._format import hash_key
 
 from .auth import KEYS_VERIFY, Caller, require_scope
 from .cache import VerificationCache
+from .key_formats import KeyFormats
 from .limits.allowances import Allowances
 from .metrics import ServerMetrics
 from .model import KeyRecord, Verification, VerifyResult
@@ -91,6 +92,7 @@ class Verifier:
         *,
         verify_auth_required: bool,
         authenticate: Callable[[str], Awaitable[Caller]],
+        formats: KeyFormats | None = None,
     ) -> None:
         self._cache = cache
         self._usage = usage
@@ -98,6 +100,8 @@ class Verifier:
         self._verdicts = metrics.verifications
         self._auth_required = verify_auth_required
         self._authenticate = authenticate
+        self._formats = formats or KeyFormats()
+        self._max_length = self._formats.max_length
 
     async def verify_key(
         self,
@@ -154,7 +158,7 @@ class Verifier:
         ``--verify-auth required`` and only ``verify_key``, having checked the caller, may pass
         ``caller_authorized``.
         """
-        if (self._auth_required and not caller_authorized) or len(secret) > MAX_KEY_LENGTH:
+        if (self._auth_required and not caller_authorized) or len(secret) > self._max_length:
             return None
         # hashlib directly, not hash_key: the hot path's calls show in calls/s (as hash_key's digest)
         return self._cached(sha256(secret).digest(), required, cost, secret)
@@ -206,7 +210,7 @@ class Verifier:
         except UnicodeDecodeError:
             return None  # the full path refuses the request as unparsable
         validated_requirements(required_scopes, resource)  # bad scopes are a bad request, whatever the key
-        verdict = MALFORMED if parse_key(text) is None else NOT_FOUND
+        verdict = NOT_FOUND if self._formats.accepts(text) else MALFORMED
         self._verdicts[verdict.result].inc()
         return verdict
 
@@ -218,13 +222,13 @@ class Verifier:
         before any query, so malformed keys cost no database work.
         """
         required = validated_requirements(required_scopes, resource)  # bad input is refused before any lookup
-        if len(secret) > MAX_KEY_LENGTH:  # refuse before hashing: no paying for megabyte "keys"
+        if len(secret) > self._max_length:  # refuse before hashing: no paying for megabyte "keys"
             return MALFORMED
         secret_hash = hash_key(secret)
         entry = self._cache.peek(secret_hash)
         if entry is not None:
             record = entry.record
-        elif parse_key(secret) is None:
+        elif not self._formats.accepts(secret):
             return MALFORMED
         else:
             record = await self._cache.load(secret_hash)

@@ -484,6 +484,8 @@ class CreateKeyRequest(_message.Message):
     METADATA_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
     CREDITS_FIELD_NUMBER: _builtins.int
+    SECRET_HASH_FIELD_NUMBER: _builtins.int
+    SECRET_HINT_FIELD_NUMBER: _builtins.int
     owner_id: _builtins.str
     """owner_id is required: 1-128 characters of A-Z a-z 0-9 . _ : @ -."""
     name: _builtins.str
@@ -492,6 +494,10 @@ class CreateKeyRequest(_message.Message):
     """prefix is the secret's type prefix: 1-16 characters of a-z 0-9 _ starting with a letter; empty uses the server default."""
     rate_limit_per_minute: _builtins.int
     """rate_limit_per_minute is the key's request budget per minute; 0 means unlimited."""
+    secret_hash: _builtins.str
+    """secret_hash, when set, is the SHA-256 of a secret the caller minted itself (hex, or base64); no secret is returned."""
+    secret_hint: _builtins.str
+    """secret_hint goes with secret_hash: what lists and logs show, such as "ks_3Fq9xk2P"; at most 64 characters."""
     @_builtins.property
     def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """scopes are lowercase segments separated by ':' (a final '*' segment is a wildcard); at most 64."""
@@ -534,10 +540,12 @@ class CreateKeyRequest(_message.Message):
         metadata: _struct_pb2.Struct | None = ...,
         limits: _abc.Iterable[Global___RateLimit] | None = ...,
         credits: Global___Credits | None = ...,
+        secret_hash: _builtins.str = ...,
+        secret_hint: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "expiration", b"expiration", "expire_time", b"expire_time", "metadata", b"metadata", "ttl", b"ttl"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "expiration", b"expiration", "expire_time", b"expire_time", "limits", b"limits", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "scopes", b"scopes", "ttl", b"ttl"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credits", b"credits", "expiration", b"expiration", "expire_time", b"expire_time", "limits", b"limits", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "scopes", b"scopes", "secret_hash", b"secret_hash", "secret_hint", b"secret_hint", "ttl", b"ttl"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_expiration: _TypeAlias = _typing.Literal["ttl", "expire_time"]  # noqa: Y015
     _WhichOneofArgType_expiration: _TypeAlias = _typing.Literal["expiration", b"expiration"]  # noqa: Y015
@@ -1444,3 +1452,189 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class ImportedKey(_message.Message):
+    """ImportedKey is an existing key, known by the SHA-256 of its secret, with what it grants."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_HASH_FIELD_NUMBER: _builtins.int
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SCOPES_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
+    SECRET_HINT_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_REASON_FIELD_NUMBER: _builtins.int
+    LAST_USED_TIME_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    METADATA_FIELD_NUMBER: _builtins.int
+    DISABLED_FIELD_NUMBER: _builtins.int
+    RATE_LIMIT_PER_MINUTE_FIELD_NUMBER: _builtins.int
+    secret_hash: _builtins.str
+    """secret_hash is the SHA-256 of the whole secret as users present it: hex (64 digits) or base64 (standard or URL-safe)."""
+    owner_id: _builtins.str
+    """owner_id is required, as for CreateKey."""
+    name: _builtins.str
+    """name is required, as for CreateKey."""
+    secret_hint: _builtins.str
+    """secret_hint is what lists and logs show, such as "wm_a1b2c3d4": never the whole secret; at most 64 characters."""
+    prefix: _builtins.str
+    """prefix is the key's type prefix as shown, such as "wm"; empty for none."""
+    revoke_reason: _builtins.str
+    """revoke_reason goes with revoke_time."""
+    disabled: _builtins.bool
+    """disabled imports the key switched off (an inactive key of the old system that may come back)."""
+    rate_limit_per_minute: _builtins.int
+    """rate_limit_per_minute is the key's request budget per minute; 0 means unlimited."""
+    @_builtins.property
+    def scopes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """scopes the key grants, as for CreateKey."""
+
+    @_builtins.property
+    def resources(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """resources the key is restricted to; empty means unrestricted."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """create_time is when the key was created in the old system; unset means now."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """expire_time is when the key expires; unset means never."""
+
+    @_builtins.property
+    def revoke_time(self) -> _timestamp_pb2.Timestamp:
+        """revoke_time, when set, imports the key as revoked at that time."""
+
+    @_builtins.property
+    def last_used_time(self) -> _timestamp_pb2.Timestamp:
+        """last_used_time is when the key was last used in the old system."""
+
+    @_builtins.property
+    def limits(self) -> _containers.RepeatedCompositeFieldContainer[Global___RateLimit]:
+        """limits are the key's rate limits, as for CreateKey."""
+
+    @_builtins.property
+    def metadata(self) -> _struct_pb2.Struct:
+        """metadata is free-form JSON data, at most 8 KiB serialized."""
+
+    def __init__(
+        self,
+        *,
+        secret_hash: _builtins.str = ...,
+        owner_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        scopes: _abc.Iterable[_builtins.str] | None = ...,
+        resources: _abc.Iterable[_builtins.str] | None = ...,
+        secret_hint: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_time: _timestamp_pb2.Timestamp | None = ...,
+        revoke_reason: _builtins.str = ...,
+        last_used_time: _timestamp_pb2.Timestamp | None = ...,
+        limits: _abc.Iterable[Global___RateLimit] | None = ...,
+        metadata: _struct_pb2.Struct | None = ...,
+        disabled: _builtins.bool = ...,
+        rate_limit_per_minute: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "metadata", b"metadata", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "disabled", b"disabled", "expire_time", b"expire_time", "last_used_time", b"last_used_time", "limits", b"limits", "metadata", b"metadata", "name", b"name", "owner_id", b"owner_id", "prefix", b"prefix", "rate_limit_per_minute", b"rate_limit_per_minute", "resources", b"resources", "revoke_reason", b"revoke_reason", "revoke_time", b"revoke_time", "scopes", b"scopes", "secret_hash", b"secret_hash", "secret_hint", b"secret_hint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportedKey: _TypeAlias = ImportedKey  # noqa: Y015
+
+@_typing.final
+class ImportKeysRequest(_message.Message):
+    """ImportKeysRequest carries up to 1000 keys to import."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KEYS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def keys(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportedKey]:
+        """keys to import; each is checked and imported (or refused) on its own."""
+
+    def __init__(
+        self,
+        *,
+        keys: _abc.Iterable[Global___ImportedKey] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keys", b"keys"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeysRequest: _TypeAlias = ImportKeysRequest  # noqa: Y015
+
+@_typing.final
+class ImportKeyResult(_message.Message):
+    """ImportKeyResult says what became of one ImportedKey."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    FIELDS_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    """index is the key's position in the request."""
+    id: _builtins.str
+    """id is the imported key's new id; empty when it was refused."""
+    error: _builtins.str
+    """error says why the key was refused (such as "duplicate secret_hash"); empty when it was imported."""
+    @_builtins.property
+    def fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """fields names each invalid field of a refused key."""
+
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        id: _builtins.str = ...,
+        error: _builtins.str = ...,
+        fields: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "fields", b"fields", "id", b"id", "index", b"index"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeyResult: _TypeAlias = ImportKeyResult  # noqa: Y015
+
+@_typing.final
+class ImportKeysResponse(_message.Message):
+    """ImportKeysResponse reports every key of the request, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    IMPORTED_FIELD_NUMBER: _builtins.int
+    imported: _builtins.int
+    """imported is how many keys were imported."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___ImportKeyResult]:
+        """results has one entry per requested key, in order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___ImportKeyResult] | None = ...,
+        imported: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["imported", b"imported", "results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportKeysResponse: _TypeAlias = ImportKeysResponse  # noqa: Y015

@@ -110,6 +110,11 @@ class KeyServiceStub:
                 request_serializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.ImportKeys = channel.unary_unary(
+                '/keystile.v1.KeyService/ImportKeys',
+                request_serializer=keystile_dot_v1_dot_keys__pb2.ImportKeysRequest.SerializeToString,
+                response_deserializer=keystile_dot_v1_dot_keys__pb2.ImportKeysResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -221,6 +226,13 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportKeys(self, request, context):
+        """ImportKeys stores existing keys by the SHA-256 of their secrets; admin only; each row is imported or refused on its own.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -298,6 +310,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=keystile_dot_v1_dot_keys__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'ImportKeys': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportKeys,
+                    request_deserializer=keystile_dot_v1_dot_keys__pb2.ImportKeysRequest.FromString,
+                    response_serializer=keystile_dot_v1_dot_keys__pb2.ImportKeysResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +723,33 @@ class KeyService:
             '/keystile.v1.KeyService/ListAuditEvents',
             keystile_dot_v1_dot_keys__pb2.ListAuditEventsRequest.SerializeToString,
             keystile_dot_v1_dot_keys__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportKeys(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/keystile.v1.KeyService/ImportKeys',
+            keystile_dot_v1_dot_keys__pb2.ImportKeysRequest.SerializeToString,
+            keystile_dot_v1_dot_keys__pb2.ImportKeysResponse.FromString,
             options,
             channel_credentials,
             insecure,

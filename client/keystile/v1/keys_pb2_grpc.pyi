@@ -63,6 +63,8 @@ class KeyServiceStub:
     """DeleteKey removes a revoked or expired key for good; its audit events are kept."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ListAuditEventsRequest, _keys_pb2.ListAuditEventsResponse]
     """ListAuditEvents returns management events, newest first: admins see all, keys:read callers their own owner's."""
+    ImportKeys: _grpc.UnaryUnaryMultiCallable[_keys_pb2.ImportKeysRequest, _keys_pb2.ImportKeysResponse]
+    """ImportKeys stores existing keys by the SHA-256 of their secrets; admin only; each row is imported or refused on its own."""
 
 @_typing.type_check_only
 class KeyServiceAsyncStub(KeyServiceStub):
@@ -99,6 +101,8 @@ class KeyServiceAsyncStub(KeyServiceStub):
     """DeleteKey removes a revoked or expired key for good; its audit events are kept."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_keys_pb2.ListAuditEventsRequest, _keys_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """ListAuditEvents returns management events, newest first: admins see all, keys:read callers their own owner's."""
+    ImportKeys: _aio.UnaryUnaryMultiCallable[_keys_pb2.ImportKeysRequest, _keys_pb2.ImportKeysResponse]  # type: ignore[assignment]
+    """ImportKeys stores existing keys by the SHA-256 of their secrets; admin only; each row is imported or refused on its own."""
 
 class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
     """KeyService creates, lists and revokes API keys, and answers whether a presented key may act."""
@@ -222,5 +226,13 @@ class KeyServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_keys_pb2.ListAuditEventsResponse, _abc.Awaitable[_keys_pb2.ListAuditEventsResponse]]:
         """ListAuditEvents returns management events, newest first: admins see all, keys:read callers their own owner's."""
+
+    @_abc_1.abstractmethod
+    def ImportKeys(
+        self,
+        request: _keys_pb2.ImportKeysRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_keys_pb2.ImportKeysResponse, _abc.Awaitable[_keys_pb2.ImportKeysResponse]]:
+        """ImportKeys stores existing keys by the SHA-256 of their secrets; admin only; each row is imported or refused on its own."""
 
 def add_KeyServiceServicer_to_server(servicer: KeyServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from ..auth import KEYS_READ, require_scope
-from ..errors import KeyNotFound, NoCredits, PermissionDenied
+from ..auth import KEYS_READ, require_admin, require_scope
+from ..errors import KeyNotFound, NoCredits
 from ..model import CreditTerms
 from ..store.usage_store import UsageStore
 from ..validation import Violations, check_key_id
@@ -50,8 +50,7 @@ class CreditBalances:
     ) -> CreditTerms:
         """Set the balance, or add to it (admin only)."""
         caller = await self._authenticate(authorization)
-        if not caller.is_admin:
-            raise PermissionDenied("only an admin key may change credits", "ADMIN_REQUIRED")
+        require_admin(caller, "only an admin key may change credits")
         errors = Violations()
         canonical = check_key_id(key_id, errors)
         if set_to is None and add is None:

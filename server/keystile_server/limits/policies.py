@@ -12,8 +12,8 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
-from ..auth import KEYS_READ, Caller, require_owner, require_scope
-from ..errors import PermissionDenied, PolicyNotFound
+from ..auth import KEYS_READ, Caller, require_admin, require_owner, require_scope
+from ..errors import PolicyNotFound
 from ..model import OwnerPolicy
 from ..store.usage_store import UsageStore
 from ..validation import Violations, check_owner_id
@@ -24,11 +24,6 @@ MAX_KEY_LIFETIME: timedelta = timedelta(days=3650)
 MAX_ACTIVE_KEYS = 1_000_000_000
 
 _log = logging.getLogger(__name__)
-
-
-def _require_admin(caller: Caller) -> None:
-    if not caller.is_admin:
-        raise PermissionDenied("only an admin key may change owner policies", "ADMIN_REQUIRED")
 
 
 class OwnerPolicies:
@@ -49,13 +44,17 @@ class OwnerPolicies:
     ) -> OwnerPolicy:
         """Replace the owner's policy (admin only)."""
         caller = await self._authenticate(authorization)
-        _require_admin(caller)
+        require_admin(caller, "only an admin key may change owner policies")
         errors = Violations()
         check_owner_id(owner_id, errors, "policy.owner_id")
         if max_active_keys > MAX_ACTIVE_KEYS:
             errors.add("policy.max_active_keys", f"must be at most {MAX_ACTIVE_KEYS}")
-        if max_key_lifetime is not None and not timedelta(0) < max_key_lifetime <= MAX_KEY_LIFETIME:
-            errors.add("policy.max_key_lifetime", "must be positive and at most 3650 days")
+        # Stored in whole milliseconds: less than one would be stored as 0, which the table refuses.
+        if (
+            max_key_lifetime is not None
+            and not timedelta(milliseconds=1) <= max_key_lifetime <= MAX_KEY_LIFETIME
+        ):
+            errors.add("policy.max_key_lifetime", "must be 1 ms to 3650 days")
         checked = check_limits(limits, errors, field="policy.limits")
         errors.raise_if_any()
         policy = await self._store.set_policy(
@@ -80,7 +79,7 @@ class OwnerPolicies:
     async def delete(self, owner_id: str, *, authorization: str) -> None:
         """Remove the owner's policy (admin only); removing none succeeds."""
         caller = await self._authenticate(authorization)
-        _require_admin(caller)
+        require_admin(caller, "only an admin key may change owner policies")
         errors = Violations()
         check_owner_id(owner_id, errors)
         errors.raise_if_any()

@@ -13,7 +13,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from ..audit import key_entry
-from ..errors import violation_error
+from ..errors import SecretHashExists, violation_error
 from ..model import KeyRecord, NewKey, PageCursor
 from .audit_store import insert_audit
 from .connections import GuardedPool, Query, bounded_conninfo
@@ -40,6 +40,7 @@ _INSERT: Final = f"""
     VALUES (%(id)s, %(owner_id)s, %(name)s, %(prefix)s, %(secret_hash)s, %(secret_hint)s, %(scopes)s,
             %(resources)s, %(metadata)s, %(rate_limit_per_minute)s, %(expire_time)s, %(created_by)s,
             %(limits)s, %(credit_terms)s)
+    ON CONFLICT (secret_hash) DO NOTHING
     RETURNING {KEY_COLUMNS}
 """
 # What a tenant (a non-admin caller) can reach: its owner's keys, except keys granting admin.
@@ -219,7 +220,8 @@ class KeyStore:
                     raise violation_error(expiry_field, broken)
                 cur = await conn.execute(_INSERT, params)
                 row = await cur.fetchone()
-                assert row is not None
+                if row is None:  # only a caller-minted secret can collide (CreateKey.secret_hash)
+                    raise SecretHashExists()
                 if new.credits is not None:
                     await insert_credits(conn, key_id, new.credits)
                 record = key_record(row)
