@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -149,6 +150,8 @@ MATRIX = {
         "unprivileged": DENIED,
     },
     ("audit", "own"): {"admin": OK, "writer": OK, "reader": OK, "verifier": DENIED, "unprivileged": DENIED},
+    ("import", "own"): {r: OK if r == "admin" else DENIED for r in ROLES},
+    ("import", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
     ("audit", "other"): {r: OK if r == "admin" else DENIED for r in ROLES},
 }
 
@@ -185,6 +188,9 @@ def test_role_matrix(
         "delete": lambda c: c.delete_key(dead.key.id),
         "roll": lambda c: c.roll_key(target.key.id, grace_period=60),
         "audit": lambda c: c.list_audit_events(owner_id=owner),
+        "import": lambda c: c.import_keys(
+            [keys_pb2.ImportedKey(secret_hash=os.urandom(32).hex(), owner_id=owner, name="moved in")]
+        ),
     }
     expected = MATRIX[(rpc, whose)][role]
     with server.client(api_key=caller.secret) as client:
@@ -206,6 +212,8 @@ def test_role_matrix(
                 assert result.disabled and result.state == keys_pb2.KEY_STATE_DISABLED
             if rpc == "roll":
                 assert result.key.replaces == target.key.id and result.secret != target.secret
+            if rpc == "import":
+                assert result.imported == 1 and client.get_key(result.results[0].id).owner_id == owner
             if rpc == "audit":
                 assert {e.key_id for e in result.events} >= {target.key.id, dead.key.id}
                 assert all(e.owner_id == owner for e in result.events)

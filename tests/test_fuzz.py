@@ -43,6 +43,7 @@ UNARY = (
     "RollKey",
     "DeleteKey",
     "ListAuditEvents",
+    "ImportKeys",
 )
 FORBIDDEN = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 FUZZ = settings(
@@ -137,6 +138,8 @@ def create_requests(draw: st.DrawFn) -> keys_pb2.CreateKeyRequest:
         rate_limit_per_minute=draw(st.integers(0, 2**32 - 1)),
         metadata=_struct(draw(st.dictionaries(text, json_values, max_size=4))),
         limits=draw(rate_limits),
+        secret_hash=draw(st.one_of(st.just(""), text, st.binary(min_size=32, max_size=32).map(bytes.hex))),
+        secret_hint=draw(st.one_of(st.just(""), text)),
     )
     if draw(st.booleans()):
         request.credits.CopyFrom(draw(credit_messages))
@@ -191,7 +194,33 @@ def audit_requests(draw: st.DrawFn) -> keys_pb2.ListAuditEventsRequest:
     return request
 
 
+@st.composite
+def imported_keys(draw: st.DrawFn) -> keys_pb2.ImportedKey:
+    key = keys_pb2.ImportedKey(
+        secret_hash=draw(st.one_of(text, st.binary(min_size=32, max_size=32).map(bytes.hex))),
+        owner_id=draw(st.one_of(text, st.just("fuzz-owner"))),
+        name=draw(text),
+        scopes=draw(st.lists(text, max_size=3)),
+        resources=draw(st.lists(text, max_size=2)),
+        secret_hint=draw(text),
+        prefix=draw(text),
+        revoke_reason=draw(text),
+        limits=draw(rate_limits),
+        metadata=_struct(draw(st.dictionaries(text, json_values, max_size=3))),
+        disabled=draw(st.booleans()),
+        rate_limit_per_minute=draw(uint32),
+    )
+    for field in ("create_time", "expire_time", "revoke_time", "last_used_time"):
+        if draw(st.booleans()):
+            getattr(key, field).CopyFrom(draw(timestamps))
+    return key
+
+
 typed_requests = st.one_of(
+    st.tuples(
+        st.just("ImportKeys"),
+        st.builds(lambda keys: keys_pb2.ImportKeysRequest(keys=keys), st.lists(imported_keys(), max_size=4)),
+    ),
     st.tuples(st.just("UpdateKey"), update_requests()),
     st.tuples(
         st.just("RollKey"),
@@ -376,7 +405,7 @@ def test_typed_requests_never_internal_and_failures_write_nothing(
     before = db.scalar("SELECT count(*) FROM keystile.keys")
     code, error = caller.call(method, request.SerializeToString())
     _check(code, error, f"{method}({request!r:.200})")
-    if method == "CreateKey" and code != grpc.StatusCode.OK:
+    if method in ("CreateKey", "ImportKeys") and code != grpc.StatusCode.OK:
         assert db.scalar("SELECT count(*) FROM keystile.keys") == before, "a refused create wrote a key"
     no_tracebacks()
 

@@ -42,7 +42,10 @@ def test_set_get_delete(client: keystile.Client, owner: str) -> None:
         (keystile.owner_policy("bad owner!"), "policy.owner_id"),
         (keystile.owner_policy("ok", max_key_lifetime=-1), "policy.max_key_lifetime"),
         # Found by the fuzzer: under a millisecond was stored as 0, which the table refuses (INTERNAL).
-        (keystile.owner_policy("ok", max_key_lifetime=timedelta(microseconds=500)), "policy.max_key_lifetime"),
+        (
+            keystile.owner_policy("ok", max_key_lifetime=timedelta(microseconds=500)),
+            "policy.max_key_lifetime",
+        ),
         (keystile.owner_policy("ok", limits=[keystile.rate_limit("w", 0, 1)]), "policy.limits[0].limit"),
     ],
 )
