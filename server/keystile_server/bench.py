@@ -341,11 +341,13 @@ def health_requests() -> list[bytes]:
     return [health_pb2.HealthCheckRequest().SerializeToString()]
 
 
-def check_requests(keys: Sequence[str], *, scopes: str = "") -> list[bytes]:
-    """One serialized Envoy CheckRequest per key, shaped like what Envoy 1.40 sends for a GET.
+def check_requests(keys: Sequence[str], *, scopes: str = "", all_headers: bool = True) -> list[bytes]:
+    """One serialized Envoy CheckRequest per key, shaped as a real Envoy 1.40 sends it for a GET.
 
-    Peer addresses, the request's time, id and protocol, the pseudo-headers and the headers curl
-    and Envoy add: the parsing a real Check pays for, not a trimmed request that flatters it.
+    Copied field by field from a CheckRequest captured from Envoy (peers, the request's time, id
+    and protocol, and every header: pseudo-headers and those curl and Envoy add), so that the
+    bench pays the parsing a real Check pays. ``all_headers=False`` is what Envoy sends with the
+    filter's ``allowed_headers`` limited to the credential headers (docs/GATEWAYS.md).
     """
     from envoy.service.auth.v3 import external_auth_pb2
 
@@ -362,21 +364,25 @@ def check_requests(keys: Sequence[str], *, scopes: str = "") -> list[bytes]:
         http.id = str(10_000_000_000_000_000 + index)
         http.method, http.path, http.host = "GET", "/jobs/1?page=2", "api.example.com"
         http.scheme, http.protocol = "http", "HTTP/1.1"
-        http.headers.update(
-            {
-                ":authority": "api.example.com",
-                ":method": "GET",
-                ":path": "/jobs/1?page=2",
-                ":scheme": "http",
-                "accept": "*/*",
-                "authorization": f"Bearer {key}",
-                "user-agent": "curl/8.11.1",
-                "x-forwarded-proto": "http",
-                "x-request-id": str(uuid.UUID(int=index, version=4)),
-            }
-        )
+        http.headers["authorization"] = f"Bearer {key}"
+        if all_headers:
+            http.headers.update(
+                {
+                    "x-request-id": str(uuid.UUID(int=index, version=4)),
+                    "x-forwarded-proto": "http",
+                    "user-agent": "curl/8.11.1",
+                    "accept": "*/*",
+                    "accept-encoding": "identity",
+                    ":scheme": "http",
+                    ":path": "/jobs/1?page=2",
+                    ":method": "GET",
+                    ":authority": "api.example.com",
+                }
+            )
         if scopes:
             attributes.context_extensions["keystile.scopes"] = scopes
+        attributes.metadata_context.SetInParent()
+        attributes.route_metadata_context.SetInParent()
         requests.append(request.SerializeToString())
     return requests
 
