@@ -90,6 +90,12 @@ def envoy_config(listen: int, admin: int, keystile_port: int, upstream: int) -> 
                                                     "transport_api_version": "V3",
                                                     "failure_mode_allow": False,
                                                     "status_on_error": {"code": 503},
+                                                    "allowed_headers": {
+                                                        "patterns": [
+                                                            {"exact": "authorization"},
+                                                            {"exact": "x-api-key"},
+                                                        ]
+                                                    },
                                                 },
                                             },
                                             {
