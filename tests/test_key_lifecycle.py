@@ -333,9 +333,14 @@ def test_delete_removes_a_dead_key_and_keeps_its_audit_trail(
     client: keystile.Client, owner: str, db: Db
 ) -> None:
     made = client.create_key(owner, "svc", credits=5)
+    before = db.snapshot()
     with pytest.raises(keystile.FailedPreconditionError) as info:
         client.delete_key(made.key.id)
     assert info.value.reason == "KEY_STILL_ACTIVE"
+    for bad in ("", "x" * 300):
+        with pytest.raises(keystile.InvalidArgumentError):
+            client.delete_key(bad)
+    assert db.snapshot() == before
     client.revoke_key(made.key.id)
     client.delete_key(made.key.id)
     with pytest.raises(keystile.NotFoundError):
