@@ -56,6 +56,7 @@ import tracemalloc
 import urllib.parse
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -233,7 +234,15 @@ def per_round(
     value: Callable[[dict[str, Any]], float],
     rounds: int = ROUNDS,
 ) -> list[float]:
-    """For each round of an ``alternating`` plan: value(B) / mean(value(A before), value(A after))."""
+    """For each round of an ``alternating`` plan: value(B) / mean(value(A before), value(A after)).
+
+    Every phase name must be unique (per concurrency): two blocks reusing a baseline's name would
+    silently compare one block's variant with the other block's baseline.
+    """
+    counts = Counter((p["name"], p["concurrency"]) for p in phases)
+    twice = sorted(key for key, count in counts.items() if count > 1)
+    if twice:
+        raise ValueError(f"phase names used twice: {twice}")
     by_name = {(p["name"], p["concurrency"]): p for p in phases}
     ratios = []
     for round_ in range(1, rounds + 1):
@@ -573,11 +582,11 @@ def main() -> int:
         shape_plan: list[tuple[str, LoadSpec]] = []
         for shape, requests in shapes.items():
             shape_plan += alternating(
-                ("no-op", spec(cache_on, noop, "health", 16)),
+                (f"no-op ({shape})", spec(cache_on, noop, "health", 16)),
                 (f"{shape} hit", spec(cache_on, requests, "verify", 16)),
             )
         shape_plan += alternating(
-            ("cache hit", spec(cache_on, hits, "verify", 16)),
+            ("cache hit (vs limited)", spec(cache_on, hits, "verify", 16)),
             ("limited hit", spec(cache_on, limited_hits, "verify", 16)),
         )
         phases += phases_of(shape_plan)
@@ -592,11 +601,11 @@ def main() -> int:
         phases += phases_of(
             [
                 *alternating(
-                    ("no-op", spec(cache_on, noop, "health", 16)),
+                    ("no-op (check)", spec(cache_on, noop, "health", 16)),
                     ("envoy check hit", spec(cache_on, checks, "check", 16)),
                 ),
                 *alternating(
-                    ("no-op", spec(cache_on, noop, "health", 16)),
+                    ("no-op (check, allowed_headers)", spec(cache_on, noop, "health", 16)),
                     ("envoy check hit, allowed_headers", spec(cache_on, lean_checks, "check", 16)),
                 ),
             ]
@@ -727,9 +736,11 @@ def main() -> int:
                     "target": "p50 ratio <= 1.5",
                 },
                 "7_key_filter_1m": key_filter | {"target": "reported (memory per key, load time)"},
-                "8_shapes_vs_noop_c16": {shape: ratio(f"{shape} hit", "no-op", 16) for shape in shapes}
+                "8_shapes_vs_noop_c16": {
+                    shape: ratio(f"{shape} hit", f"no-op ({shape})", 16) for shape in shapes
+                }
                 | {"target": ">= 0.93 by server CPU"},
-                "9_limited_vs_unlimited_c16": ratio("limited hit", "cache hit", 16)
+                "9_limited_vs_unlimited_c16": ratio("limited hit", "cache hit (vs limited)", 16)
                 | {
                     "statements_per_verify": round(
                         (
@@ -747,10 +758,10 @@ def main() -> int:
                 },
                 "10_bound_600_per_minute": bound | {"target": "max <= 600; min per window >= 540"},
                 "11_client_limited_per_second": {**client_limited, "target": ">= 50000"},
-                "12_envoy_check_vs_noop_c16": ratio("envoy check hit", "no-op", 16)
+                "12_envoy_check_vs_noop_c16": ratio("envoy check hit", "no-op (check)", 16)
                 | {"target": ">= 0.90 by server CPU"},
                 "12_envoy_check_allowed_headers_vs_noop_c16": ratio(
-                    "envoy check hit, allowed_headers", "no-op", 16
+                    "envoy check hit, allowed_headers", "no-op (check, allowed_headers)", 16
                 )
                 | {"target": ">= 0.90 by server CPU"},
                 "13_envoy_added_latency": envoy_latency | {"target": "reported"},

@@ -52,6 +52,13 @@ def test_per_round_compares_each_b_with_its_own_neighbours(bench_run: ModuleType
     assert ratios == pytest.approx([0.9, 0.9, 0.9])
 
 
+def test_per_round_refuses_a_baseline_name_used_by_two_blocks(bench_run: ModuleType) -> None:
+    # Two blocks both calling their baseline "A": the second would stand in for the first.
+    phases = [phase("A r1", 100), phase("B r1", 90), phase("A r2", 100)] * 2
+    with pytest.raises(ValueError, match="used twice"):
+        bench_run.per_round(phases, "B", "A", 16, lambda p: p["calls_per_second"], rounds=1)
+
+
 def test_per_round_fails_loudly_on_a_missing_phase(bench_run: ModuleType) -> None:
     phases = [phase("A r1", 100), phase("B r1", 90)]  # no "A r2" after the B
     with pytest.raises(KeyError):
