@@ -78,8 +78,13 @@ def test_each_worker_listens_and_a_revocation_reaches_them_all(
     clients = separate_clients(served.address, 12)
     try:
         created = clients[0].create_key(owner, "spread", scopes=["jobs:read"])
-        for client in clients:  # every worker now holds the key in its cache
-            assert client.verify_key(created.secret).result == VerifyResult.VERIFY_RESULT_VALID
+        # Every worker learns of the creation by its event (milliseconds), then caches the key.
+        eventually(
+            lambda: all(
+                c.verify_key(created.secret).result == VerifyResult.VERIFY_RESULT_VALID for c in clients
+            ),
+            timeout=2,
+        )
         clients[0].revoke_key(created.key.id)
         eventually(
             lambda: all(
@@ -115,8 +120,12 @@ def test_updates_and_disabling_reach_every_worker_and_caching_client(
         def results(**kw: object) -> set[int]:
             return {c.verify_key(created.secret, **kw).result for c in everyone}  # type: ignore[arg-type]
 
+        # A creation reaches the other workers' key filters by the same event as any change:
+        # until it arrives (milliseconds), they may still answer NOT_FOUND.
+        eventually(
+            lambda: results(required_scopes=["jobs:write"]) == {VerifyResult.VERIFY_RESULT_VALID}, timeout=2
+        )
         assert results(required_scopes=["jobs:write"]) == {VerifyResult.VERIFY_RESULT_VALID}  # all cached
-        assert results(required_scopes=["jobs:write"]) == {VerifyResult.VERIFY_RESULT_VALID}
         clients[0].update_key(created.key.id, scopes=["jobs:read"])
         eventually(
             lambda: (

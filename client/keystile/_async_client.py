@@ -164,13 +164,9 @@ class AsyncClient(AsyncLifecycleMethods):
         ``created_by`` (a key id) and ``secret_hint`` (as a log line shows a key) narrow the page.
         """
         request = keys_pb2.ListKeysRequest(
-            owner_id=owner_id,
-            page_size=page_size,
-            page_token=page_token,
-            include_inactive=include_inactive,
-            created_by=created_by,
-            secret_hint=secret_hint,
+            owner_id=owner_id, page_size=page_size, page_token=page_token, include_inactive=include_inactive
         )
+        request.created_by, request.secret_hint = created_by, secret_hint
         response: keys_pb2.ListKeysResponse = await self._call(self._stub.ListKeys, request, timeout)
         return response
 
