@@ -136,10 +136,13 @@ class Proxy(GatewayProcess):
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (workdir / f"{kind}.log").read_text()
             try:
-                http_get(self.port, "/health-probe")
-                return
+                # Up, and routing: Traefik listens before its file provider has loaded the routes
+                # (404 meanwhile); a request without a key must get keystile's 401.
+                if http_get(self.port, "/jobs/ready")[0] == 401:
+                    return
             except (urllib.error.URLError, ConnectionError, TimeoutError):
-                time.sleep(0.1)
+                pass
+            time.sleep(0.1)
         raise TimeoutError((workdir / f"{kind}.log").read_text())
 
 
