@@ -43,7 +43,8 @@ from run import ADMIN_KEY, BIN, LOAD_CPU, RESULTS, SERVER_CPU, Served, log, mach
 
 import keystile
 from keystile.v1 import keys_pb2, keys_pb2_grpc
-from keystile_server.bench import LoadResult, LoadSpec, run_load, verify_requests
+from keystile_server.bench import LoadResult, LoadSpec, run_load
+from keystile_server.bench_requests import verify_requests
 from keystile_server.embedded import EmbeddedPostgres
 from keystile_server.processes import run_async
 from keystile_server.store import migrate

@@ -73,14 +73,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
 import keystile
-from keystile_server.bench import (
-    LoadResult,
-    LoadSpec,
-    check_requests,
-    health_requests,
-    run_sequence,
-    verify_requests,
-)
+from keystile_server.bench import LoadResult, LoadSpec, run_sequence
+from keystile_server.bench_requests import check_requests, health_requests, verify_requests
 from keystile_server.cache import VerificationCache
 from keystile_server.embedded import EmbeddedPostgres
 from keystile_server.metrics import ServerMetrics

@@ -1,7 +1,7 @@
 """What the gateway surfaces remember: each route's requirements, and Envoy's serialized answers.
 
 Both are caps (every cap has a test). The Check servicer is driven directly on the test server's
-domain service with requests shaped like Envoy's (``keystile_server.bench.check_requests``): the
+domain service with requests shaped like Envoy's (``keystile_server.bench_requests.check_requests``): the
 real Envoy path is tested in test_envoy.py.
 """
 
@@ -16,7 +16,7 @@ from google.rpc import code_pb2
 
 import keystile
 from keystile_server import ext_authz, gateway
-from keystile_server.bench import check_requests
+from keystile_server.bench_requests import check_requests
 from keystile_server.gateway import GatewayConfig, Routes
 
 

@@ -1,4 +1,4 @@
-"""``keystile bench``: a VerifyKey load generator to point at any keystile deployment.
+"""``keystile bench``'s engine: a VerifyKey load generator to point at any keystile deployment.
 
 Like pgbench or redis-benchmark: N load processes (``--processes``), each holding its own
 connection and ``concurrency / processes`` calls in flight, for ``--duration`` seconds after a
@@ -6,32 +6,25 @@ warm-up. Requests are serialized once up front and sent as raw bytes, so the gen
 its CPU on gRPC rather than on protobuf. Latencies go into an HdrHistogram per process (in
 microseconds, 3 significant digits) and are merged at the end; a progress line is printed every
 second. ``--rpc health`` sends the standard health Check instead: a do-nothing call on the same
-server stack, the baseline VerifyKey is compared with.
+server stack, the baseline VerifyKey is compared with. The requests are built in
+``bench_requests``, the command in ``bench_command``; ``make bench`` drives this engine too.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import json
-import math
 import multiprocessing
 import os
 import queue
-import random
-import sys
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, TextIO
+from typing import Any, Final
 
 import grpc
-from grpc_health.v1 import health_pb2
 from hdrh.histogram import HdrHistogram
 
-from keystile import Client, generate_key
 from keystile.v1 import keys_pb2
 
 from .processes import run_async
@@ -39,7 +32,6 @@ from .processes import run_async
 VERIFY_METHOD: Final = "/keystile.v1.KeyService/VerifyKey"
 HEALTH_METHOD: Final = "/grpc.health.v1.Health/Check"
 CHECK_METHOD: Final = "/envoy.service.auth.v3.Authorization/Check"
-MIX_KINDS: Final = ("valid", "unknown", "malformed", "revoked")
 _HIGHEST_US: Final = 60_000_000
 CONNECT_TIMEOUT: Final = 10.0
 """Seconds a load process waits for its connection before the run fails (instead of hanging)."""
@@ -341,205 +333,3 @@ def _http_status(response: bytes) -> str:
 
     parsed = external_auth_pb2.CheckResponse.FromString(response)
     return f"http_{parsed.denied_response.status.code if parsed.HasField('denied_response') else 200}"
-
-
-def health_requests() -> list[bytes]:
-    """The no-op baseline's request."""
-    return [health_pb2.HealthCheckRequest().SerializeToString()]
-
-
-def check_requests(keys: Sequence[str], *, scopes: str = "", all_headers: bool = True) -> list[bytes]:
-    """One serialized Envoy CheckRequest per key, shaped as a real Envoy 1.40 sends it for a GET.
-
-    Copied field by field from a CheckRequest captured from Envoy (peers, the request's time, id
-    and protocol, and every header: pseudo-headers and those curl and Envoy add), so that the
-    bench pays the parsing a real Check pays. ``all_headers=False`` is what Envoy sends with the
-    filter's ``allowed_headers`` limited to the credential headers (docs/GATEWAYS.md).
-    """
-    from envoy.service.auth.v3 import external_auth_pb2
-
-    requests = []
-    for index, key in enumerate(keys):
-        request = external_auth_pb2.CheckRequest()
-        attributes = request.attributes
-        attributes.source.address.socket_address.address = "10.0.3.17"
-        attributes.source.address.socket_address.port_value = 40000 + index % 20000
-        attributes.destination.address.socket_address.address = "10.0.3.2"
-        attributes.destination.address.socket_address.port_value = 10000
-        attributes.request.time.FromNanoseconds(1_764_633_600_000_000_000 + index * 1000)
-        http = attributes.request.http
-        http.id = str(10_000_000_000_000_000 + index)
-        http.method, http.path, http.host = "GET", "/jobs/1?page=2", "api.example.com"
-        http.scheme, http.protocol = "http", "HTTP/1.1"
-        http.headers["authorization"] = f"Bearer {key}"
-        if all_headers:
-            http.headers.update(
-                {
-                    "x-request-id": str(uuid.UUID(int=index, version=4)),
-                    "x-forwarded-proto": "http",
-                    "user-agent": "curl/8.11.1",
-                    "accept": "*/*",
-                    "accept-encoding": "identity",
-                    ":scheme": "http",
-                    ":path": "/jobs/1?page=2",
-                    ":method": "GET",
-                    ":authority": "api.example.com",
-                }
-            )
-        if scopes:
-            attributes.context_extensions["keystile.scopes"] = scopes
-        attributes.metadata_context.SetInParent()
-        attributes.route_metadata_context.SetInParent()
-        requests.append(request.SerializeToString())
-    return requests
-
-
-def verify_requests(keys: Sequence[str], *, scopes: Sequence[str] = ()) -> list[bytes]:
-    """One serialized VerifyKeyRequest per key, in order."""
-    return [keys_pb2.VerifyKeyRequest(key=k, required_scopes=scopes).SerializeToString() for k in keys]
-
-
-def parse_mix(text: str) -> dict[str, int]:
-    """``valid=90,unknown=5,malformed=5`` as weights; unknown kinds and bad numbers are errors."""
-    mix: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        kind, sep, weight = part.partition("=")
-        if kind not in MIX_KINDS or not sep or not weight.isdigit():
-            raise ValueError(f"--mix: {part!r} is not KIND=WEIGHT with KIND one of {', '.join(MIX_KINDS)}")
-        mix[kind] = int(weight)
-    if not mix or sum(mix.values()) == 0:
-        raise ValueError("--mix: at least one weight must be positive")
-    return mix
-
-
-def mixed_keys(
-    mix: dict[str, int], valid: Sequence[str], revoked: Sequence[str], *, size: int = 1000
-) -> list[str]:
-    """``size`` secrets in the proportions of ``mix``, shuffled (deterministically)."""
-    total = sum(mix.values())
-    rng = random.Random(0)  # noqa: S311 - a reproducible order, not a secret
-    keys: list[str] = []
-    for kind, weight in mix.items():
-        count = math.ceil(size * weight / total)
-        if kind == "valid":
-            keys += [valid[i % len(valid)] for i in range(count)]
-        elif kind == "revoked":
-            keys += [revoked[i % len(revoked)] for i in range(count)]
-        elif kind == "unknown":
-            keys += [generate_key("ks") for _ in range(count)]
-        else:
-            keys += [f"ks_not-a-key-{i}" for i in range(count)]
-    rng.shuffle(keys)
-    return keys
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``keystile bench`` flags (target, TLS, key and --json come from the shared client options)."""
-    parser.add_argument(
-        "--rpc",
-        choices=("verify", "check", "health"),
-        default="verify",
-        help="what to call: VerifyKey, Envoy's ext_authz Check (route scope bench:verify), or the no-op",
-    )
-    parser.add_argument("--concurrency", "-c", type=int, default=16, help="calls in flight in total")
-    parser.add_argument("--duration", "-d", type=float, default=10.0, help="seconds measured")
-    parser.add_argument("--warmup", type=float, default=1.0, help="seconds of load before measuring")
-    parser.add_argument("--processes", "-p", type=int, default=1, help="load processes (one connection each)")
-    parser.add_argument(
-        "--mix", default="valid=100", help="weights of valid, unknown, malformed and revoked keys"
-    )
-    parser.add_argument("--keys", type=int, default=100, help="valid keys to create for the run")
-    parser.add_argument("--owner", default="keystile-bench", help="owner of the keys the run creates")
-    parser.add_argument("--keep-keys", action="store_true", help="do not revoke the run's keys afterwards")
-    parser.add_argument("--cpus", default="", help="pin load processes to these CPUs, such as 1 or 2,3")
-    parser.add_argument(
-        "--rate",
-        type=float,
-        default=0.0,
-        help="calls per second to offer, paced (default: as fast as possible)",
-    )
-
-
-def run_command(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    """``keystile bench``: create keys as the mix needs, run the load, report, clean up."""
-    if args.concurrency < 1 or args.processes < 1 or args.duration <= 0 or args.keys < 1:
-        raise ValueError("--concurrency, --processes, --keys and --duration must be positive")
-    if args.rate < 0:
-        raise ValueError("--rate must not be negative")
-    mix = parse_mix(args.mix)
-    cpus = tuple(int(c) for c in args.cpus.split(",") if c.strip())
-    created: list[str] = []
-    valid: list[str] = []
-    revoked: list[str] = []
-    try:
-        if args.rpc != "health":
-            for _ in range(args.keys if mix.get("valid") else 0):
-                response = client.create_key(args.owner, "bench", scopes=["bench:verify"])
-                created.append(response.key.id)
-                valid.append(response.secret)
-            for _ in range(min(args.keys, 10) if mix.get("revoked") else 0):
-                response = client.create_key(args.owner, "bench-revoked")
-                client.revoke_key(response.key.id, reason="keystile bench")
-                revoked.append(response.secret)
-            keys = mixed_keys(mix, valid, revoked)
-            if args.rpc == "check":
-                requests = check_requests(keys, scopes="bench:verify")
-            else:
-                requests = verify_requests(keys)
-        else:
-            requests = health_requests()
-        spec = LoadSpec(
-            target=args.target,
-            requests=requests,
-            rpc=args.rpc,
-            concurrency=args.concurrency,
-            duration=args.duration,
-            processes=args.processes,
-            warmup=args.warmup,
-            cpus=cpus,
-            rate=args.rate,
-            metadata=(("authorization", f"Bearer {args.api_key}"),) if args.api_key else (),
-            root_certificates=args.tls_ca.read_bytes() if args.tls_ca else None,
-            private_key=args.tls_key.read_bytes() if args.tls_key else None,
-            certificate_chain=args.tls_cert.read_bytes() if args.tls_cert else None,
-        )
-        show = sys.stderr.isatty() and not args.json
-        result = run_load(spec, progress=_progress_line if show else None)
-        if show:
-            sys.stderr.write("\n")
-    finally:
-        if not args.keep_keys:
-            for key_id in created:
-                client.revoke_key(key_id, reason="keystile bench finished")
-    report = {
-        "target": args.target,
-        "rpc": args.rpc,
-        "mix": mix if args.rpc != "health" else {},
-        "concurrency": args.concurrency,
-        "processes": args.processes,
-    } | result.summary()
-    if args.json:
-        out.write(json.dumps(report, indent=2) + "\n")
-    else:
-        out.write(format_report(report))
-    return 0 if result.errors == 0 else 1
-
-
-def _progress_line(elapsed: float, calls: int, errors: int) -> None:
-    sys.stderr.write(f"\r  {elapsed:5.1f}s  {calls:>10,} calls  {errors:,} errors")
-    sys.stderr.flush()
-
-
-def format_report(report: dict[str, Any]) -> str:
-    """The human-readable result."""
-    latency = report["latency_ms"]
-    lines = [
-        f"target       {report['target']}  rpc {report['rpc']}  concurrency {report['concurrency']}"
-        f"  processes {report['processes']}",
-        f"calls        {report['calls']:,} in {report['seconds']:.1f}s = {report['calls_per_second']:,.0f}/s"
-        f"  errors {report['errors']:,}",
-        "latency ms   " + "  ".join(f"{name} {value:.2f}" for name, value in latency.items()),
-    ]
-    if report["results"]:
-        lines.append("results      " + "  ".join(f"{k} {v:,}" for k, v in sorted(report["results"].items())))
-    return "\n".join(lines) + "\n"

@@ -345,7 +345,7 @@ SERVER_EXTRA: Final = "pip install 'keystile[server]'"
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     try:
-        from .bench import add_arguments
+        from .bench_command import add_arguments
     except ModuleNotFoundError:  # the client alone: the load generator comes with the server extra
         parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
         return
@@ -353,7 +353,7 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _cmd_bench(client: Client, args: argparse.Namespace, out: TextIO) -> int:
-    from .bench import run_command
+    from .bench_command import run_command
 
     return run_command(client, args, out)
 
