@@ -248,6 +248,14 @@ def test_management_calls_are_bounded_too(
             lambda: client.list_keys(owner),
             lambda: client.create_key(owner, "during the freeze"),
             lambda: client.revoke_key(created.key.id),
+            lambda: client.update_key(created.key.id, name="during the freeze", disabled=True),
+            lambda: client.roll_key(created.key.id, grace_period=60),
+            lambda: client.revoke_keys(created.key.id),
+            lambda: client.delete_key(created.key.id),
+            lambda: client.list_audit_events(owner_id=owner),
+            lambda: client.import_keys(
+                [keys_pb2.ImportedKey(secret_hash="ab" * 32, owner_id=owner, name="during the freeze")]
+            ),
         ):
             started = time.monotonic()
             with pytest.raises(keystile.UnavailableError) as caught:
@@ -255,7 +263,21 @@ def test_management_calls_are_bounded_too(
             assert caught.value.code == grpc.StatusCode.UNAVAILABLE
             assert time.monotonic() - started < DB_TIMEOUT + SLACK
     pg_proxy.thaw()
+    # Nothing half-done: each change was one transaction, and none committed.
+    with running.client(timeout=30) as client:
+        eventually(lambda: _answers(client, created.key.id), timeout=10)
+        key = client.get_key(created.key.id)
+        assert (key.name, key.disabled, key.state, key.replaced_by) == ("managed", False, 1, "")
+        assert [e.action for e in client.list_audit_events(key_id=created.key.id).events] == ["key.create"]
     running.stop()
+
+
+def _answers(client: keystile.Client, key_id: str) -> bool:
+    try:
+        client.get_key(key_id)
+    except keystile.UnavailableError:
+        return False
+    return True
 
 
 def test_stuck_lookups_in_flight_are_capped(aio: AioLoop) -> None:
