@@ -250,3 +250,14 @@ def test_repeated_requests_follow_every_change(client: keystile.Client, owner: s
             client.verify_key(created.secret, cost=5000)
     client.revoke_key(created.key.id)
     assert _verify(client, created.secret, "jobs:read", resource="r1").result == R.VERIFY_RESULT_REVOKED
+
+
+def test_the_verification_hash_is_the_stored_one() -> None:
+    """The verification path's SHA-256 (the interpreter's own) gives the digest keys are stored under."""
+    import hashlib
+
+    from keystile_server.fast_hash import sha256
+
+    for data in (b"", b"ks_" + b"a" * 49, keystile.generate_key("ks").encode(), bytes(range(256)) * 3):
+        assert sha256(data).digest() == hashlib.sha256(data).digest() == keystile.hash_key(data)
+    assert sha256.__module__ != "_hashlib"  # the built-in, not OpenSSL's (this CPython has one)

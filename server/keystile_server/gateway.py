@@ -31,6 +31,8 @@ from .service import BEARER
 from .verification import Requirements, Verifier, requirements
 
 REALM: Final = 'Bearer realm="keystile"'
+_BEARER_AS_SENT: Final = "Bearer "
+_BEARER_LENGTH: Final = len(BEARER)
 MAX_ROUTES: Final = 10_000
 
 
@@ -79,13 +81,14 @@ def find_key(headers: Mapping[str, str], query: str, config: GatewayConfig) -> t
     ``Bearer <key>``; any other header holds the key alone.
     """
     for name in config.key_headers:
-        value = headers.get(name, "")
+        value = headers.get(name)
         if not value:
             continue
         if name == "authorization":
-            if value[: len(BEARER)].lower() != BEARER:
+            # "Bearer " as clients write it, without a slice and a lower(); any other case too.
+            if not value.startswith(_BEARER_AS_SENT) and value[:_BEARER_LENGTH].lower() != BEARER:
                 continue
-            value = value[len(BEARER) :]
+            value = value[_BEARER_LENGTH:]
         return value.strip(), name
     if config.key_query and query:
         values = urllib.parse.parse_qs(query).get(config.key_query)

@@ -6,7 +6,6 @@ domain's, and every error leaves through ``rpc_errors``.
 
 from __future__ import annotations
 
-from hashlib import sha256
 from typing import Any, Final
 
 import grpc
@@ -16,6 +15,7 @@ from keystile._format import hash_key
 from keystile.v1 import keys_pb2, keys_pb2_grpc
 
 from .errors import InvalidArgument, StoreUnavailable
+from .fast_hash import sha256
 from .key_messages import key_to_proto, metadata_from_proto, timestamp_field
 from .lifecycle_handlers import LifecycleHandlers
 from .limit_handlers import (

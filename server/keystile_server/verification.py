@@ -13,13 +13,13 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from hashlib import sha256
 from typing import Any
 
 from keystile._format import hash_key
 
 from .auth import KEYS_VERIFY, Caller, require_scope
 from .cache import VerificationCache
+from .fast_hash import sha256
 from .key_formats import KeyFormats
 from .limits.allowances import Allowances
 from .metrics import ServerMetrics
