@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import uuid
 from typing import Final
 
 import psycopg
 from psycopg.rows import TupleRow
-from psycopg.types.json import Jsonb
 
 from ..audit import key_entry
 from ..model import ImportedKey, KeyRecord
 from .audit_store import insert_audit
 from .connections import GuardedStore
-from .key_store import KEY_COLUMNS, key_record
-from .usage_store import limits_to_json
+from .key_store import KEY_COLUMNS, key_record, new_key_params
 
 Conn = psycopg.AsyncConnection[TupleRow]
 
@@ -43,24 +40,11 @@ class ImportStore(GuardedStore):
             async with conn.transaction():
                 for imported in keys:
                     new = imported.key
-                    params = {
-                        "id": uuid.UUID(new.id),
-                        "owner_id": new.owner_id,
-                        "name": new.name,
-                        "prefix": new.prefix,
-                        "secret_hash": new.secret_hash,
-                        "secret_hint": new.secret_hint,
-                        "scopes": list(new.scopes),
-                        "resources": list(new.resources),
-                        "metadata": Jsonb(new.metadata),
-                        "rate_limit_per_minute": new.rate_limit_per_minute,
+                    params = new_key_params(new) | {
                         "create_time": imported.create_time,
-                        "expire_time": new.expire_time,
                         "revoke_time": imported.revoke_time,
                         "revoke_reason": imported.revoke_reason,
                         "last_used_time": imported.last_used_time,
-                        "created_by": new.created_by,
-                        "limits": limits_to_json(new.limits),
                         "disabled": imported.disabled,
                     }
                     cur = await conn.execute(_IMPORT, params)

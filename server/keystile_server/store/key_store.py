@@ -129,6 +129,26 @@ def key_record(row: Sequence[Any]) -> KeyRecord:
     )
 
 
+def new_key_params(new: NewKey) -> dict[str, Any]:
+    """A validated key's columns as statement parameters (CreateKey's insert, ImportKeys' too)."""
+    return {
+        "id": uuid.UUID(new.id),
+        "owner_id": new.owner_id,
+        "name": new.name,
+        "prefix": new.prefix,
+        "secret_hash": new.secret_hash,
+        "secret_hint": new.secret_hint,
+        "scopes": list(new.scopes),
+        "resources": list(new.resources),
+        "metadata": Jsonb(new.metadata),
+        "rate_limit_per_minute": new.rate_limit_per_minute,
+        "expire_time": new.expire_time,
+        "created_by": new.created_by,
+        "limits": limits_to_json(new.limits),
+        "credit_terms": credit_terms_to_json(new.credits),
+    }
+
+
 class KeyStore:
     """Key persistence over an async connection pool that the caller opens and closes.
 
@@ -196,22 +216,7 @@ class KeyStore:
         keys and inserts, so concurrent creates cannot together pass ``max_active_keys``.
         """
         key_id = uuid.UUID(new.id)
-        params = {
-            "id": key_id,
-            "owner_id": new.owner_id,
-            "name": new.name,
-            "prefix": new.prefix,
-            "secret_hash": new.secret_hash,
-            "secret_hint": new.secret_hint,
-            "scopes": list(new.scopes),
-            "resources": list(new.resources),
-            "metadata": Jsonb(new.metadata),
-            "rate_limit_per_minute": new.rate_limit_per_minute,
-            "expire_time": new.expire_time,
-            "created_by": new.created_by,
-            "limits": limits_to_json(new.limits),
-            "credit_terms": credit_terms_to_json(new.credits),
-        }
+        params = new_key_params(new)
 
         async def query(conn: psycopg.AsyncConnection[TupleRow]) -> KeyRecord:
             async with conn.transaction():
