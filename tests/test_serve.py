@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
+import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import psycopg
 import pytest
-from fix_server import ADMIN_KEY, BIN, ServeProcess, free_port, postgres_for, run_cli
+from fix_server import (
+    ADMIN_KEY,
+    BIN,
+    AioLoop,
+    RunningServer,
+    ServeProcess,
+    free_port,
+    postgres_for,
+    run_cli,
+    server_settings,
+)
 from google.protobuf import descriptor_pb2
 
 import keystile
+from keystile_server.server import METRICS_CLOSE_TIMEOUT
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +291,35 @@ def test_repeated_sigterm_during_shutdown_still_exits_cleanly(tmp_path: Path) ->
     assert served.stop_insistently() == 0, served.log()
     assert not postgres_for((data_dir / "pgdata").resolve()), "the embedded PostgreSQL outlived the server"
     assert served.log().count("stopped") == 1
+
+
+def test_stop_does_not_queue_behind_a_busy_default_executor(
+    aio: AioLoop, start_server: Callable[..., RunningServer], database_url: str
+) -> None:
+    """Closing /metrics takes a thread of its own: with the loop's executor full, stop() still ends.
+
+    CI once saw stop() sit at the /metrics shutdown on a loaded machine; every thread of the
+    default executor (``asyncio.to_thread``'s) can be taken by other work at such a moment.
+    """
+    running = start_server(server_settings(database_url))
+    port = running.server.metrics_port
+    release = threading.Event()
+
+    async def occupy() -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(64):  # more than the default executor's min(32, CPUs + 4) threads
+            loop.run_in_executor(None, release.wait, 30)
+
+    try:
+        aio.run(occupy())
+        started = time.monotonic()
+        running.stop()
+        stopped_in = time.monotonic() - started
+    finally:
+        release.set()
+    assert stopped_in < METRICS_CLOSE_TIMEOUT, f"stop() waited {stopped_in:.1f}s for the executor"
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
 
 
 def test_taken_port_fails_loudly(served: ServeProcess, tmp_path: Path, database_url: str) -> None:

@@ -88,7 +88,7 @@ def serve_workers(settings: Settings) -> int:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     from .embedded import EmbeddedPostgres
-    from .server import start_metrics_server
+    from .server import METRICS_CLOSE_TIMEOUT, close_metrics_server, start_metrics_server
     from .store import migrate
 
     listen = check_port_free(settings.listen)
@@ -161,8 +161,7 @@ def serve_workers(settings: Settings) -> int:
                 proc.kill()
                 proc.join()
         if http_server is not None:
-            http_server.shutdown()
-            http_server.server_close()
+            close_metrics_server(http_server).join(METRICS_CLOSE_TIMEOUT)
         if embedded is not None:
             embedded.stop()
         shutil.rmtree(metrics_dir, ignore_errors=True)

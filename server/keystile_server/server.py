@@ -12,6 +12,8 @@ import asyncio
 import contextlib
 import gc
 import logging
+import threading
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final
 
@@ -51,8 +53,8 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
 RETENTION_INTERVAL: Final = 3600
 """Seconds between purges of dead keys and old audit events (with --key/--audit-retention-days)."""
-_METRICS_SHUTDOWN: Final = 5.0
-"""Seconds stop() waits for the /metrics server's thread before closing its socket anyway."""
+METRICS_CLOSE_TIMEOUT: Final = 5.0
+"""Seconds a stop waits for the /metrics server to close (its thread is a daemon after that)."""
 
 
 def gateway_config(settings: Settings) -> GatewayConfig:
@@ -117,6 +119,31 @@ def start_metrics_server(listen: str, registry: CollectorRegistry) -> tuple[Any,
     bound = int(http_server.server_address[1])
     _log.info("metrics on http://%s:%d/metrics", host, bound)
     return http_server, bound
+
+
+def close_metrics_server(
+    http_server: Any, on_closed: Callable[[], object] = lambda: None
+) -> threading.Thread:
+    """Stop and close the ``/metrics`` server on a thread of its own; returns that thread.
+
+    ``shutdown()`` waits for the serving thread to notice (it polls twice a second), so it must
+    not run on the event loop (CI caught it blocking stop() for a minute). Nor on the loop's
+    default executor: a stop must not queue behind whatever else holds its few threads (an
+    embedded database stopping, a DNS lookup), as CI saw once on a loaded machine. The caller
+    waits (``join``, or ``on_closed``) as long as its own bound allows; the thread is a daemon.
+    """
+
+    def close() -> None:
+        try:
+            http_server.shutdown()
+            http_server.server_close()
+        finally:
+            with contextlib.suppress(RuntimeError):  # the waiting loop may have closed since
+                on_closed()
+
+    thread = threading.Thread(target=close, name="keystile-metrics-close", daemon=True)
+    thread.start()
+    return thread
 
 
 async def bootstrap_admin(settings: Settings, *, owner_id: str, name: str, force: bool) -> CreatedKey:
@@ -417,12 +444,11 @@ class KeystileServer:
         if self._embedded is not None:
             await asyncio.to_thread(self._embedded.stop)
         if self._metrics_http is not None:
-            # shutdown() waits for the serving thread's loop to notice: never on the event loop
-            # (CI caught it blocking stop() for a minute), and never for longer than a bound.
+            loop, closed = asyncio.get_running_loop(), asyncio.Event()
+            close_metrics_server(self._metrics_http, lambda: loop.call_soon_threadsafe(closed.set))
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(_METRICS_SHUTDOWN):
-                    await asyncio.to_thread(self._metrics_http.shutdown)
-            self._metrics_http.server_close()
+                async with asyncio.timeout(METRICS_CLOSE_TIMEOUT):
+                    await closed.wait()
         _log.info("stopped")
 
 
