@@ -97,6 +97,7 @@ LATENCY_ROUNDS = 4
 BOUND_SECONDS = float(os.environ.get("BENCH_BOUND_SECONDS", "180"))
 SMALL_MISS = f"miss latency {SEED_KEYS:,} keys"
 BIG_MISS = f"miss latency {BIG_TABLE:,} keys"
+CHECK_TARGET = ">= 0.909 by server CPU (at most 10 % more than the no-op)"
 
 
 def log(message: str) -> None:
@@ -753,11 +754,11 @@ def main() -> int:
                 "10_bound_600_per_minute": bound | {"target": "max <= 600; min per window >= 540"},
                 "11_client_limited_per_second": {**client_limited, "target": ">= 50000"},
                 "12_envoy_check_vs_noop_c16": ratio("envoy check hit", "no-op (check)", 16)
-                | {"target": ">= 0.90 by server CPU"},
+                | {"target": CHECK_TARGET},
                 "12_envoy_check_allowed_headers_vs_noop_c16": ratio(
                     "envoy check hit, allowed_headers", "no-op (check, allowed_headers)", 16
                 )
-                | {"target": ">= 0.90 by server CPU"},
+                | {"target": CHECK_TARGET},
                 "13_envoy_added_latency": envoy_latency | {"target": "reported"},
             },
             "revocation_ms": revocation["ms"],
@@ -793,8 +794,8 @@ def machine() -> dict[str, Any]:
     }
 
 
-def _ratios(item: dict[str, Any]) -> str:
-    return f"{item['ratio']:.2f} (by server CPU/call {item['cpu_ratio']:.2f})"
+def _ratios(item: dict[str, Any], digits: int = 2) -> str:
+    return f"{item['ratio']:.{digits}f} (by server CPU/call {item['cpu_ratio']:.{digits}f})"
 
 
 def table(results: dict[str, Any]) -> str:
@@ -855,14 +856,14 @@ def table(results: dict[str, Any]) -> str:
         (
             "12",
             "Envoy Check hit / no-op, 16 in flight",
-            _ratios(t["12_envoy_check_vs_noop_c16"]),
-            ">= 0.90 by CPU",
+            _ratios(t["12_envoy_check_vs_noop_c16"], 3),
+            CHECK_TARGET,
         ),
         (
             "12",
             "the same, Envoy sending only the credential headers",
-            _ratios(t["12_envoy_check_allowed_headers_vs_noop_c16"]),
-            ">= 0.90 by CPU",
+            _ratios(t["12_envoy_check_allowed_headers_vs_noop_c16"], 3),
+            CHECK_TARGET,
         ),
         (
             "13",
