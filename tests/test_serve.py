@@ -30,7 +30,7 @@ from fix_server import (
 from google.protobuf import descriptor_pb2
 
 import keystile
-from keystile_server.server import METRICS_CLOSE_TIMEOUT
+from keystile_server.metrics_http import METRICS_CLOSE_TIMEOUT
 
 
 @pytest.fixture(scope="module")

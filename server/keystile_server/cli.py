@@ -202,8 +202,8 @@ def _database_error(what: str, exc: BaseException) -> int:
 
 
 def _cmd_bootstrap(args: argparse.Namespace) -> int:
+    from .bootstrap import bootstrap_admin
     from .errors import AdminKeyExists, StoreUnavailable
-    from .server import bootstrap_admin
 
     settings = Settings.resolve(args, os.environ)
     configure_logging("WARNING")

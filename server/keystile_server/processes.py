@@ -88,7 +88,7 @@ def serve_workers(settings: Settings) -> int:
     from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
     from .embedded import EmbeddedPostgres
-    from .server import METRICS_CLOSE_TIMEOUT, close_metrics_server, start_metrics_server
+    from .metrics_http import METRICS_CLOSE_TIMEOUT, close_metrics_server, start_metrics_server
     from .store import migrate
 
     listen = check_port_free(settings.listen)

@@ -12,14 +12,11 @@ import asyncio
 import contextlib
 import gc
 import logging
-import threading
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Final
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from prometheus_client import CollectorRegistry, start_http_server
 
 from keystile.v1 import keys_pb2
 
@@ -34,9 +31,10 @@ from .handlers import KeyServiceHandlers, add_to_server
 from .key_filter import KeyFilter
 from .key_formats import KeyFormats
 from .metrics import ServerMetrics
+from .metrics_http import METRICS_CLOSE_TIMEOUT, close_metrics_server, start_metrics_server
 from .page_tokens import PageTokenCodec
 from .processes import STOP_SIGNALS, ignore_stop_signals
-from .service import CreatedKey, KeyService, utc_now
+from .service import KeyService, utc_now
 from .settings import Settings
 from .store import KeyStore, migrate
 from .store.connections import describe_database_error
@@ -53,8 +51,6 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 _MAX_BACKOFF: Final = 5.0
 RETENTION_INTERVAL: Final = 3600
 """Seconds between purges of dead keys and old audit events (with --key/--audit-retention-days)."""
-METRICS_CLOSE_TIMEOUT: Final = 5.0
-"""Seconds a stop waits for the /metrics server to close (its thread is a daemon after that)."""
 
 
 def gateway_config(settings: Settings) -> GatewayConfig:
@@ -107,69 +103,6 @@ async def build_service(
         max_staleness=timedelta(seconds=settings.max_staleness),
         key_formats=KeyFormats(settings.legacy_key_formats),
     )
-
-
-def start_metrics_server(listen: str, registry: CollectorRegistry) -> tuple[Any, int]:
-    """Serve ``/metrics`` for ``registry`` on its own port, in a thread; returns (server, port)."""
-    host, _, port = listen.rpartition(":")
-    try:
-        http_server, _thread = start_http_server(int(port), addr=host.strip("[]"), registry=registry)
-    except OSError as exc:
-        raise OSError(f"cannot serve metrics on {listen}: {exc.strerror}") from exc
-    bound = int(http_server.server_address[1])
-    _log.info("metrics on http://%s:%d/metrics", host, bound)
-    return http_server, bound
-
-
-def close_metrics_server(
-    http_server: Any, on_closed: Callable[[], object] = lambda: None
-) -> threading.Thread:
-    """Stop and close the ``/metrics`` server on a thread of its own; returns that thread.
-
-    ``shutdown()`` waits for the serving thread to notice (it polls twice a second), so it must
-    not run on the event loop (CI caught it blocking stop() for a minute). Nor on the loop's
-    default executor: a stop must not queue behind whatever else holds its few threads (an
-    embedded database stopping, a DNS lookup), as CI saw once on a loaded machine. The caller
-    waits (``join``, or ``on_closed``) as long as its own bound allows; the thread is a daemon.
-    """
-
-    def close() -> None:
-        try:
-            http_server.shutdown()
-            http_server.server_close()
-        finally:
-            with contextlib.suppress(RuntimeError):  # the waiting loop may have closed since
-                on_closed()
-
-    thread = threading.Thread(target=close, name="keystile-metrics-close", daemon=True)
-    thread.start()
-    return thread
-
-
-async def bootstrap_admin(settings: Settings, *, owner_id: str, name: str, force: bool) -> CreatedKey:
-    """Mint the first admin key directly in the database (migrating it first if needed)."""
-    embedded = EmbeddedPostgres(settings.data_dir) if settings.database_url is None else None
-    url = await asyncio.to_thread(embedded.start) if embedded else settings.database_url
-    assert url is not None
-    try:
-        await migrate(url)
-        pool = KeyStore.create_pool(url, min_size=1, max_size=1, timeout=settings.db_timeout)
-        await pool.open(wait=True, timeout=settings.db_timeout)
-        try:
-            store = KeyStore(pool)
-            service = await build_service(
-                store,
-                settings,
-                UsageRecorder(store, flush_interval=60),
-                static_admin_key=None,
-                metrics=ServerMetrics(),
-            )
-            return await service.bootstrap_admin(owner_id, name, force=force)
-        finally:
-            await pool.close()
-    finally:
-        if embedded is not None:
-            await asyncio.to_thread(embedded.stop)
 
 
 class KeystileServer:
