@@ -11,6 +11,8 @@ import asyncio
 import concurrent.futures
 import hashlib
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -26,6 +28,7 @@ import keystile
 from keystile._format import generate_key
 from keystile.v1 import keys_pb2
 from keystile_server.settings import Settings
+from keystile_server.store.connections import POOL_CLOSE_WAIT
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -381,3 +384,43 @@ def test_a_shutdown_is_not_swallowed_while_a_severed_statement_is_collected(aio:
         return False
 
     assert aio.run(scenario())
+
+
+def test_a_stop_with_calls_hung_on_the_database_ends_within_the_shutdown_grace(
+    start_server: Callable[..., RunningServer], pg_proxy: PgProxy, owner: str
+) -> None:
+    """SIGTERM while the database hangs: in-flight calls are cut at --shutdown-grace, not awaited.
+
+    Before, stop() waited for forward-auth requests as long as aiohttp's default (a minute) and
+    for the LISTEN connection's ping for ever: a SIGTERM during an outage never finished.
+    """
+    grace = 1.0
+    running = start_server(
+        fault_settings(pg_proxy, db_timeout=20.0, shutdown_grace=grace, http_listen="127.0.0.1:0")
+    )
+    keys = uncached_keys(running, owner, 4)
+    pg_proxy.freeze()
+    port = running.server.http_port
+
+    def forward_auth(key: str) -> str:
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/auth", headers={"x-api-key": key})
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return str(response.status)
+        except urllib.error.HTTPError as error:
+            return str(error.code)
+        except OSError as error:
+            return type(error).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        verifying = pool.submit(timed_verifications, running.address, keys[:2])
+        authorizing = [pool.submit(forward_auth, key) for key in keys[2:]]
+        time.sleep(1.0)  # every call is waiting on the frozen database by now
+        started = time.monotonic()
+        running.stop()
+        stopped_in = time.monotonic() - started
+        outcomes = [outcome for _, outcome in verifying.result(10)] + [f.result(10) for f in authorizing]
+    pg_proxy.thaw()
+    # Cut (gRPC's UNAVAILABLE for a server going away, a closed connection), never let through.
+    assert len(outcomes) == 4 and not any(o in ("VALID", "200") for o in outcomes), outcomes
+    assert stopped_in < grace + POOL_CLOSE_WAIT + SLACK, f"stop() took {stopped_in:.1f}s"

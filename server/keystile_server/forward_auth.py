@@ -81,12 +81,23 @@ class ForwardAuth:
 
 
 async def start(
-    handlers: KeyServiceHandlers, config: GatewayConfig, listen: str, *, reuse_port: bool = False
+    handlers: KeyServiceHandlers,
+    config: GatewayConfig,
+    listen: str,
+    *,
+    reuse_port: bool = False,
+    shutdown_grace: float = 10.0,
 ) -> tuple[web.AppRunner, int]:
-    """Serve ``/auth`` on ``listen`` (host:port); returns the runner (to ``cleanup``) and the port."""
+    """Serve ``/auth`` on ``listen`` (host:port); returns the runner (to ``cleanup``) and the port.
+
+    ``cleanup`` lets requests in flight finish within ``shutdown_grace`` seconds (--shutdown-grace,
+    as gRPC calls get), then cancels them: aiohttp's own default would wait a minute. aiohttp
+    spends its timeout twice (waiting for the handler, then for it to end once cancelled), so it
+    gets half.
+    """
     app = web.Application()
     app.router.add_route("*", PATH, ForwardAuth(handlers, config).auth)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace / 2)
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=reuse_port or None)

@@ -180,6 +180,7 @@ class KeystileServer:
                     gateway_config(self.settings),
                     self.settings.http_listen,
                     reuse_port=self._reuse_port,
+                    shutdown_grace=self.settings.shutdown_grace,
                 )
             except OSError as exc:
                 raise OSError(f"cannot listen on {self.settings.http_listen}: {exc.strerror}") from exc
@@ -354,14 +355,20 @@ class KeystileServer:
         self._fd_watch.check()
 
     async def stop(self) -> None:
-        """Graceful shutdown: NOT_SERVING, drain calls, flush, close the pool, stop the database."""
+        """Graceful shutdown: NOT_SERVING, drain calls, flush, close the pool, stop the database.
+
+        Bounded even when the database hangs: calls in flight (gRPC and forward-auth, drained
+        together) get ``--shutdown-grace`` and are then cancelled, the last usage flush gets as
+        long again, and the pool ``POOL_CLOSE_WAIT``.
+        """
+        grace = self.settings.shutdown_grace
         await self._health.enter_graceful_shutdown()
         # Watch streams never end on their own: close them so that draining is not held up.
         self._events.close_all("server shutting down")
-        if self._http is not None:
-            await self._http.cleanup()
+        draining = [self._http.cleanup()] if self._http is not None else []
         if self._grpc is not None:
-            await self._grpc.stop(self.settings.shutdown_grace)
+            draining.append(self._grpc.stop(grace))
+        await asyncio.gather(*draining)
         if self._filter is not None:
             self._filter.stop()
         for task in self._tasks:
@@ -370,7 +377,11 @@ class KeystileServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._usage is not None:
-            await self._usage.flush()
+            try:
+                async with asyncio.timeout(grace):
+                    await self._usage.flush()
+            except TimeoutError:
+                _log.warning("last_used_time not flushed: the database did not answer in %gs", grace)
         self.metrics.publish()
         if self._store is not None:  # it owns the pool (an outage may have replaced the first)
             await self._store.close()

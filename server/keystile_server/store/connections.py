@@ -55,8 +55,12 @@ SILENCE_GRACE: Final = 1.0
 """Seconds past the server's statement_timeout after which a silent statement means a dead path
 (half the timeout when that is shorter): the longest any statement can keep a caller waiting is
 ``timeout`` plus this."""
-_HOUSEKEEPING_WAIT: Final = 6.0
-"""Seconds ``close`` waits for pools still closing in the background (psycopg_pool waits 5)."""
+POOL_CLOSE_WAIT: Final = 1.0
+"""Seconds ``close`` waits for the pool's workers, and for pools still closing in the background.
+
+A healthy database closes in milliseconds; a hung one holds a worker in its connection attempt
+for the whole connect timeout, and waiting longer (psycopg_pool's default is 5 s) only delays the
+shutdown. What is left then ends with the process."""
 _SECRET_PARAM: Final = re.compile(r"(password|sslpassword)\s*=\s*\S+", re.IGNORECASE)
 
 
@@ -208,12 +212,12 @@ class GuardedPool:
     async def close(self) -> None:
         """Close the pool (the one in use now: an outage may have replaced the first).
 
-        Pools being closed in the background (replaced after an outage) are waited for too,
-        briefly, so that none of their worker tasks outlives the server.
+        Pools being closed in the background (replaced after an outage) are waited for too.
+        Each wait is bounded by ``POOL_CLOSE_WAIT``: a hung database must not hold up a shutdown.
         """
-        await self.pool.close()
+        await self.pool.close(timeout=POOL_CLOSE_WAIT)
         if self._housekeeping:
-            await asyncio.wait(self._housekeeping, timeout=_HOUSEKEEPING_WAIT)
+            await asyncio.wait(self._housekeeping, timeout=POOL_CLOSE_WAIT)
 
     async def _attempt(self, query: Query[T], deadline: float) -> T:
         """One connection, one query, both before ``deadline``; failures become _DeadConnection."""

@@ -121,7 +121,14 @@ class KeyEventListener:
         socket, and the cache must stop serving now, not after the cleanup.
         """
         ping = asyncio.ensure_future(conn.execute("SELECT 1"))
-        done, _ = await asyncio.wait({ping}, timeout=self._timeout)
+        try:
+            done, _ = await asyncio.wait({ping}, timeout=self._timeout)
+        except asyncio.CancelledError:
+            # Shutting down: the ping holds the connection's lock, and leaving the connection
+            # waits for that lock; on a hung network, for ever (a stop() never returned).
+            sever(conn)
+            ping.add_done_callback(lambda task: task.cancelled() or task.exception())
+            raise
         if ping in done:
             ping.result()
             return
