@@ -9,7 +9,9 @@ takes effect on the next request.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import subprocess
 import time
 import urllib.error
@@ -217,3 +219,37 @@ def test_the_endpoint_itself(auth_server: RunningServer, owner: str) -> None:
     assert json.loads(body) == {"error": "rate_limited"}
     assert http_get(port, "/auth?scopes=Not%20A%20Scope", headers)[0] == 500
     assert http_get(port, "/elsewhere", headers)[0] == 404
+
+
+def _closed_after(sock: socket.socket, limit: float) -> tuple[float, bytes]:
+    """Seconds until the server closes ``sock`` (at most ``limit``), and what it sent before."""
+    sock.settimeout(limit)
+    started, received = time.monotonic(), b""
+    with contextlib.suppress(ConnectionResetError, TimeoutError):  # a timeout: still open
+        while chunk := sock.recv(4096):
+            received += chunk
+    return time.monotonic() - started, received
+
+
+def test_silent_unfinished_and_idle_connections_are_closed(
+    start_server: Callable[..., RunningServer], database_url: str
+) -> None:
+    """--max-connection-idle bounds what a client can hold open on --http-listen.
+
+    A connection that never sends a request, one whose request never ends (slowloris) and a
+    keep-alive connection left idle after its answer are each closed (aiohttp's own default
+    would keep them an hour), while other clients are served meanwhile.
+    """
+    idle = 1.0
+    running = start_server(server_settings(database_url, http_listen="127.0.0.1:0", max_connection_idle=idle))
+    port = running.server.http_port
+    silent = socket.create_connection(("127.0.0.1", port))
+    unfinished = socket.create_connection(("127.0.0.1", port))
+    unfinished.sendall(b"GET /auth HTTP/1.1\r\nHost: keystile\r\nx-api-key: ks_")
+    answered = socket.create_connection(("127.0.0.1", port))
+    answered.sendall(b"GET /auth HTTP/1.1\r\nHost: keystile\r\n\r\n")
+    assert http_get(port, "/auth")[0] == 401  # served while the others hold their connections
+    for sock, expected in ((silent, b""), (unfinished, b""), (answered, b"HTTP/1.1 401")):
+        with sock:
+            seconds, received = _closed_after(sock, 10)
+        assert received.startswith(expected) and seconds < idle + 3, (expected, seconds, received[:40])

@@ -87,17 +87,26 @@ async def start(
     *,
     reuse_port: bool = False,
     shutdown_grace: float = 10.0,
+    idle_timeout: float = 60.0,
 ) -> tuple[web.AppRunner, int]:
     """Serve ``/auth`` on ``listen`` (host:port); returns the runner (to ``cleanup``) and the port.
 
     ``cleanup`` lets requests in flight finish within ``shutdown_grace`` seconds (--shutdown-grace,
     as gRPC calls get), then cancels them: aiohttp's own default would wait a minute. aiohttp
     spends its timeout twice (waiting for the handler, then for it to end once cancelled), so it
-    gets half.
+    gets half. A connection with no request in progress, one that never sends one, or one whose
+    request stays unfinished (slowloris) is closed after ``idle_timeout`` seconds
+    (--max-connection-idle; aiohttp's own default is an hour, nginx's header timeout 60 s).
     """
     app = web.Application()
     app.router.add_route("*", PATH, ForwardAuth(handlers, config).auth)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_grace / 2)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        shutdown_timeout=shutdown_grace / 2,
+        keepalive_timeout=idle_timeout,
+    )
     await runner.setup()
     host, _, port = listen.rpartition(":")
     site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_port=reuse_port or None)

@@ -181,6 +181,7 @@ class KeystileServer:
                     self.settings.http_listen,
                     reuse_port=self._reuse_port,
                     shutdown_grace=self.settings.shutdown_grace,
+                    idle_timeout=self.settings.max_connection_idle,
                 )
             except OSError as exc:
                 raise OSError(f"cannot listen on {self.settings.http_listen}: {exc.strerror}") from exc

@@ -251,7 +251,7 @@ OPTIONS: Final = (
         "max_connection_idle",
         _positive_float,
         60.0,
-        "seconds a connection without calls stays open",
+        "seconds a connection without calls stays open (forward-auth: also one with an unfinished request)",
         "SECONDS",
     ),
     Option(
