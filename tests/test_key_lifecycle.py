@@ -7,7 +7,9 @@ caching client is in test_workers.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -314,6 +316,33 @@ def test_admins_list_across_owners_and_find_a_key_by_its_hint(
         ]
     with pytest.raises(keystile.InvalidArgumentError):
         client.list_keys("", secret_hint="x" * 65)
+
+
+def test_who_acted_filters_take_ids_and_names_and_refuse_what_cannot_be_stored(
+    client: keystile.Client, owner: str
+) -> None:
+    """``created_by`` and ``actor_key_id``: an id in any spelling, a recorded name, or nothing found.
+
+    The fuzzer sent a NUL in ``created_by``: it reached PostgreSQL, which refused it, and the
+    caller got INTERNAL. Text that no key could have acted under is now a bad request.
+    """
+    parent = client.create_key(owner, "parent", scopes=["keys:write"])
+    digest = hashlib.sha256(secrets.token_bytes(16)).hexdigest()
+    imported = client.import_keys([keys_pb2.ImportedKey(owner_id=owner, name="old", secret_hash=digest)])
+    imported_id = imported.results[0].id
+    assert imported_id, imported
+    upper = parent.key.id.upper()
+    assert [e.key_id for e in client.iter_audit_events(actor_key_id=upper)] == []  # it created nothing
+    assert client.list_keys(owner, created_by=upper).keys == []
+    assert [k.id for k in client.list_keys(owner, created_by="import").keys] == [imported_id]
+    assert client.list_keys(owner, created_by="nobody in particular").keys == []
+    for bad in ("a\x00b", "line\nbreak", "x" * 200):
+        with pytest.raises(keystile.InvalidArgumentError) as info:
+            client.list_keys(owner, created_by=bad)
+        assert "created_by" in info.value.field_violations
+        with pytest.raises(keystile.InvalidArgumentError) as info:
+            client.list_audit_events(actor_key_id=bad)
+        assert "actor_key_id" in info.value.field_violations
 
 
 def test_listing_pages_are_bound_to_their_filters(client: keystile.Client, owner: str) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Final
 from .auth import KEYS_READ, Caller, require_owner, require_scope
 from .model import KeyRecord
 from .page_tokens import PageTokenCodec
-from .validation import Violations, check_key_id, check_owner_id, check_page_size
+from .validation import Violations, check_actor, check_key_id, check_owner_id, check_page_size
 
 AUDITED_FIELDS: Final = (
     "owner_id",
@@ -153,6 +153,7 @@ class AuditLog:
         if selected.owner_id:
             check_owner_id(selected.owner_id, errors)
         key_id = check_key_id(selected.key_id, errors, "key_id") if selected.key_id else ""
+        actor = check_actor(selected.actor, errors, "actor_key_id") if selected.actor else ""
         if selected.start_time and selected.end_time and selected.start_time >= selected.end_time:
             errors.add("end_time", "must be after start_time")
         limit = check_page_size(page_size, errors)
@@ -166,7 +167,7 @@ class AuditLog:
             if owner:
                 require_owner(caller, owner)
             owner = caller.owner_id
-        selected = AuditFilter(owner, key_id, selected.actor, selected.start_time, selected.end_time)
+        selected = AuditFilter(owner, key_id, actor, selected.start_time, selected.end_time)
         events = await self._list(selected, before_id, limit)
         token = self._tokens.encode_id(events[-1].id, scope) if len(events) == limit else ""
         return events, token

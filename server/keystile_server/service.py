@@ -48,6 +48,7 @@ from .store.usage_store import UsageStore
 from .usage import UsageRecorder
 from .validation import (
     Violations,
+    check_actor,
     check_hint,
     check_key_id,
     check_metadata,
@@ -323,9 +324,8 @@ class KeyService:
         if owner_id or not caller.is_admin:
             check_owner_id(owner_id, errors)
         limit = check_page_size(page_size, errors)
-        if created_by and created_by not in (BOOTSTRAP, STATIC_ADMIN_ID):
-            # A string that is no key id matches no key: an empty page, as an unknown id gives.
-            created_by = check_key_id(created_by, errors, "created_by") or created_by
+        if created_by:
+            created_by = check_actor(created_by, errors, "created_by")
         check_hint(secret_hint, errors)
         errors.raise_if_any()
         require_owner(caller, owner_id)

@@ -201,6 +201,23 @@ def check_key_id(key_id: str, errors: Violations, field: str = "id") -> str | No
         return None
 
 
+def check_actor(actor: str, errors: Violations, field: str) -> str:
+    """A filter naming who acted (``created_by``, an audit event's ``actor``), canonical.
+
+    It is a key id, or a name keystile records for an action without a caller key
+    (``bootstrap``, ``static-admin``, ``import``). Anything else printable matches nothing, like
+    an unknown id; what could never be stored (too long, control characters, NUL) is a bad
+    request, not a driver error (the fuzzer found a NUL reaching PostgreSQL).
+    """
+    if len(actor) > MAX_ID_LENGTH or not actor.isprintable():
+        errors.add(field, f"must be a key id or a name of at most {MAX_ID_LENGTH} printable characters")
+        return actor
+    try:
+        return str(uuid.UUID(actor))
+    except ValueError:
+        return actor
+
+
 # Scopes that grant others outright: writing keys is useless without reading them.
 IMPLIED_SCOPES: Final = {"keys:write": frozenset({"keys:read"})}
 
