@@ -195,8 +195,13 @@ def check_key_id(key_id: str, errors: Violations, field: str = "id") -> str | No
     if len(key_id) > MAX_ID_LENGTH:
         errors.add(field, f"must be at most {MAX_ID_LENGTH} characters")
         return None
+    return _canonical_id(key_id)
+
+
+def _canonical_id(text: str) -> str | None:
+    """A key id as stored (a lower-case UUID), or None for text that is no UUID."""
     try:
-        return str(uuid.UUID(key_id))
+        return str(uuid.UUID(text))
     except ValueError:
         return None
 
@@ -212,10 +217,7 @@ def check_actor(actor: str, errors: Violations, field: str) -> str:
     if len(actor) > MAX_ID_LENGTH or not actor.isprintable():
         errors.add(field, f"must be a key id or a name of at most {MAX_ID_LENGTH} printable characters")
         return actor
-    try:
-        return str(uuid.UUID(actor))
-    except ValueError:
-        return actor
+    return _canonical_id(actor) or actor
 
 
 # Scopes that grant others outright: writing keys is useless without reading them.
