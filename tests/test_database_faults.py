@@ -11,8 +11,6 @@ import asyncio
 import concurrent.futures
 import hashlib
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 
 import grpc
@@ -20,6 +18,7 @@ import psycopg
 import pytest
 from fix_cache import armed_cache
 from fix_db import Db
+from fix_http import http_get
 from fix_proxy import PgProxy
 from fix_server import AioLoop, RunningServer, eventually, server_settings
 from grpc_health.v1 import health_pb2
@@ -403,13 +402,9 @@ def test_a_stop_with_calls_hung_on_the_database_ends_within_the_shutdown_grace(
     port = running.server.http_port
 
     def forward_auth(key: str) -> str:
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/auth", headers={"x-api-key": key})
         try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return str(response.status)
-        except urllib.error.HTTPError as error:
-            return str(error.code)
-        except OSError as error:
+            return str(http_get(port, "/auth", {"x-api-key": key})[0])
+        except OSError as error:  # the connection closed under the request
             return type(error).__name__
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
